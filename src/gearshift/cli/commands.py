@@ -1,0 +1,98 @@
+"""What each ``gearshift`` sub-command does (argument parsing lives in ``main``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gearshift.config import Resolved, build_layers, config_to_yaml, parse_set_overrides, resolve
+from gearshift.errors import CheckpointError, UsageError
+
+
+def dispatch(args: argparse.Namespace, flags: dict[str, tuple[str, object]]) -> int:
+    if args.command == "train":
+        return cmd_train(_resolve(args, flags))
+    if args.command == "resume":
+        return cmd_resume(Path(args.run_dir), args.sets)
+    if args.command == "config":
+        resolved = _resolve(args, flags)
+        if args.config_command == "show":
+            print(config_to_yaml(resolved.config), end="")
+        else:
+            print(f"{args.config or 'embedded default'}: valid")
+        return 0
+    if args.command == "checkpoint":
+        return cmd_checkpoint_verify(Path(args.path))
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def _resolve(args: argparse.Namespace, flags: dict[str, tuple[str, object]]) -> Resolved:
+    return resolve(build_layers(args.config, args.sets or None, flags))
+
+
+def cmd_train(resolved: Resolved) -> int:
+    from gearshift.train import train
+
+    return _report(lambda: train(resolved.config, audit=resolved.audit))
+
+
+def cmd_resume(run_dir: Path, sets: list[str]) -> int:
+    from gearshift.config import read_config_file
+    from gearshift.train import train
+
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a directory; give the run directory printed by "
+                         "`gearshift train` (e.g. runs/default-20260101-120000)")
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} has no config.yaml; is it a gearshift run directory?")
+    layers = build_layers(read_config_file(run_dir / "config.yaml"), None)
+    if sets:
+        layers.append(parse_set_overrides(sets))
+    resolved = resolve(layers)
+    return _report(lambda: train(resolved.config, resume=run_dir, audit=resolved.audit))
+
+
+def _report(run) -> int:  # type: ignore[no-untyped-def]
+    from gearshift.train import TrainingInterrupted
+
+    try:
+        result = run()
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    m = result.metrics
+    print(f"run directory: {result.run_dir}")
+    print(f"steps: {result.step}")
+    if "eval/loss" in m:
+        before = m.get("eval/loss_before")
+        line = f"eval loss: {before:.4f} -> {m['eval/loss']:.4f}" if before is not None else \
+            f"eval loss: {m['eval/loss']:.4f}"
+        print(line + f" (perplexity {m['eval/ppl']:.2f})")
+    if result.final_dir is not None:
+        print(f"final model: {result.final_dir}")
+    print(f"curves: tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    return 0
+
+
+def cmd_checkpoint_verify(path: Path) -> int:
+    from gearshift.checkpoint import verify_checkpoint
+
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
+    targets = [path]
+    if (path / "checkpoints").is_dir():
+        targets = sorted((path / "checkpoints").glob("step-*"))
+        if not targets:
+            raise CheckpointError(f"{path}/checkpoints holds no step-* checkpoints")
+    bad = 0
+    for target in targets:
+        problems = verify_checkpoint(target)
+        if problems:
+            bad += 1
+            print(f"{target}: CORRUPT")
+            for problem in problems:
+                print(f"  - {problem}")
+        else:
+            print(f"{target}: ok")
+    return 1 if bad else 0

@@ -1,0 +1,157 @@
+"""The typed configuration schema (pydantic v2).
+
+Every section forbids unknown keys so that a typo is an error with a did-you-mean, never a
+silently ignored setting. Defaults are the embedded default recipe: a small byte-level
+Llama-architecture model trained on the Python reference manual that ships with CPython.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gearshift.schedules import resolve_schedule_name
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelBuild(Section):
+    """Sizes of a Llama-architecture causal LM built from scratch (no files needed)."""
+
+    architecture: Literal["llama"] = "llama"
+    hidden_size: int = Field(128, ge=1, description="width of the residual stream")
+    intermediate_size: int = Field(352, ge=1, description="width of the MLP")
+    num_hidden_layers: int = Field(2, ge=1, description="number of transformer blocks")
+    num_attention_heads: int = Field(4, ge=1, description="query heads per block")
+    num_key_value_heads: int | None = Field(
+        None, ge=1, description="key/value heads (grouped-query attention); default = heads"
+    )
+    max_position_embeddings: int = Field(512, ge=1, description="longest sequence supported")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    tie_word_embeddings: bool = Field(False, description="share input and output embeddings")
+    dropout: float = Field(0.0, ge=0.0, le=1.0, description="attention dropout")
+
+
+class ModelConfig(Section):
+    """Where the model comes from: a local Hugging Face directory, or built from sizes."""
+
+    path: str | None = Field(
+        None, description="local Hugging Face model directory; when null the model is built"
+    )
+    build: ModelBuild = Field(default_factory=ModelBuild)
+    tokenizer: Literal["auto", "byte"] = Field(
+        "auto",
+        description="'byte' = built-in byte-level tokenizer (no files); "
+        "'auto' = from model.path when set, else byte",
+    )
+
+
+class DataConfig(Section):
+    """Training text: the built-in corpus, plain-text files or JSONL files."""
+
+    source: Literal["pydoc_topics", "text", "jsonl"] = Field(
+        "pydoc_topics",
+        description="pydoc_topics = the Python reference manual shipped with CPython",
+    )
+    paths: list[str] = Field(default_factory=list, description="files for text / jsonl")
+    text_field: str = Field("text", description="JSONL field holding plain text")
+    messages_field: str = Field("messages", description="JSONL field holding chat messages")
+    seq_len: int = Field(128, ge=2, description="tokens per packed training sequence")
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="fraction of documents held out for evaluation"
+    )
+    max_eval_sequences: int | None = Field(
+        256, ge=1, description="cap on held-out sequences evaluated (null = all)"
+    )
+    on_error: Literal["error", "skip"] = Field(
+        "error", description="bad JSONL line: stop with file:line, or skip and count it"
+    )
+
+
+class OptimConfig(Section):
+    """AdamW hyperparameters."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    learning_rate: float = Field(3e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.0, ge=0, description="SGD only")
+
+
+class ScheduleConfig(Section):
+    """The learning-rate schedule (see `gearshift.schedules`)."""
+
+    name: str = Field("warmup_cosine", description="schedule name (or alias)")
+    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="warmup as a fraction of total steps"
+    )
+    warmup_epochs: int | None = Field(None, ge=0, description="warmup in epochs")
+    warmup_start_factor: float = Field(0.0, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, description="floor of the LR as a fraction of the peak")
+    interval: Literal["step", "epoch"] = Field(
+        "step", description="advance the schedule per optimizer step or per epoch"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="shape-specific options (e.g. num_cycles, power)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        return resolve_schedule_name(value)
+
+
+class TrainingConfig(Section):
+    """Length of the run, batch, accumulation, clipping, precision, evaluation."""
+
+    max_steps: int | None = Field(
+        None, ge=1, description="optimizer steps; when set, wins over epochs"
+    )
+    epochs: int = Field(1, ge=1, description="passes over the training data")
+    batch_size: int = Field(16, ge=1, description="samples per micro-batch")
+    accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float | None = Field(1.0, ge=0, description="clip threshold; null or 0 = off")
+    grad_clip_algorithm: Literal["norm", "value"] = "norm"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(100, ge=1, description="evaluate every N steps (null = end)")
+    log_every: int = Field(10, ge=1, description="write metrics every N steps")
+    drop_last: bool = Field(False, description="drop a short last micro-batch of each epoch")
+
+
+class CheckpointConfig(Section):
+    """When to checkpoint and how many to keep."""
+
+    enabled: bool = True
+    every: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept on disk (newest)")
+
+
+class LoggingConfig(Section):
+    """Where metrics go."""
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "gearshift"
+    progress_bar: bool = True
+
+
+class Config(Section):
+    """The whole run configuration."""
+
+    name: str = Field("default", min_length=1, description="run name (prefix of the run dir)")
+    seed: int = Field(1234, ge=0)
+    output_dir: str = Field("runs", description="parent of run directories")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    resume: str | None = Field(None, description="RUN_DIR or 'auto' to continue a run")

@@ -1,0 +1,73 @@
+"""A byte-level tokenizer that needs no files: one token per UTF-8 byte plus three specials.
+
+It is a real ``transformers`` fast tokenizer, so it saves with ``save_pretrained`` and loads back
+with ``AutoTokenizer.from_pretrained`` like any other.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from gearshift.errors import ModelError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+
+@lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    # The reversible byte -> printable-character map used by byte-level BPE tokenizers, so that
+    # every byte (including whitespace and control bytes) is one visible vocabulary entry.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """Build the byte-level tokenizer (vocabulary: 256 bytes, then BOS, EOS, PAD).
+
+    Example:
+        >>> tok = byte_level_tokenizer()
+        >>> tok("hi")["input_ids"]
+        [104, 105]
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    for i, special in enumerate((BOS, EOS, PAD)):
+        vocab[special] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        model_max_length=1 << 30,
+    )
+
+
+def load_tokenizer(kind: str, model_path: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer for a run: byte-level, or the one saved in a local model directory."""
+    if kind == "byte" or (kind == "auto" and model_path is None):
+        return byte_level_tokenizer()
+    if model_path is None:
+        raise ModelError("model.tokenizer is 'auto' but model.path is not set; "
+                         "set model.path or use model.tokenizer: byte")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(model_path)), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load a tokenizer from {model_path}: {exc}. Save one there with "
+            "tokenizer.save_pretrained(...), or set model.tokenizer: byte"
+        ) from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"the tokenizer in {model_path} has no EOS token; "
+                         "documents cannot be separated when packing")
+    return tok

@@ -1,0 +1,102 @@
+"""The ``lm`` task: causal language modelling (pretraining and supervised fine-tuning)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from gearshift.config.schema import ModelConfig
+from gearshift.errors import ModelError
+
+IGNORE_INDEX = -100
+
+
+def build_causal_lm(cfg: ModelConfig, *, vocab_size: int, bos_token_id: int | None = None,
+                    eos_token_id: int | None = None, pad_token_id: int | None = None,
+                    ) -> PreTrainedModel:
+    """A causal LM from a local Hugging Face directory, or a Llama built from ``cfg.build``.
+
+    Raises:
+        ModelError: when ``cfg.path`` is missing its config or weights, naming what is missing.
+    """
+    if cfg.path is not None:
+        return _load_local(Path(cfg.path))
+    b = cfg.build
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_hidden_layers=b.num_hidden_layers,
+        num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads or b.num_attention_heads,
+        max_position_embeddings=b.max_position_embeddings,
+        rope_theta=b.rope_theta,
+        tie_word_embeddings=b.tie_word_embeddings,
+        attention_dropout=b.dropout,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _load_local(path: Path) -> PreTrainedModel:
+    if not path.is_dir():
+        raise ModelError(f"model.path {path} is not a directory")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    weights = [p for p in path.iterdir() if p.suffix == ".safetensors" or
+               p.name in ("pytorch_model.bin", "model.safetensors.index.json",
+                          "pytorch_model.bin.index.json")]
+    if not weights:
+        missing.append("weights (model.safetensors or a sharded index)")
+    if missing:
+        raise ModelError(f"model directory {path} is missing: {', '.join(missing)}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                    use_safetensors=None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the model in {path}: {exc}") from None
+
+
+class CausalLMLoss:
+    """Next-token cross-entropy summed over target tokens (a :class:`TokenWeightedLoss`).
+
+    Positions whose label is ``-100`` (or the pad token, when ``pad_token_id`` is given) are not
+    targets. Logits are upcast to float32 for the loss whatever the compute precision.
+
+    Example:
+        >>> loss_fn = CausalLMLoss()
+        >>> # total = loss_fn(model, {"input_ids": ids}); per_token = total / loss_fn.units(batch)
+    """
+
+    def __init__(self, pad_token_id: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+
+    def _labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch.get("labels", batch["input_ids"])[:, 1:]
+        if self.pad_token_id is not None:
+            labels = labels.masked_fill(labels == self.pad_token_id, IGNORE_INDEX)
+        return labels
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((self._labels(batch) != IGNORE_INDEX).sum())
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        kwargs = {"input_ids": batch["input_ids"]}
+        if "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        logits = model(**kwargs).logits[:, :-1]
+        labels = self._labels(batch)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )

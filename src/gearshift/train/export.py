@@ -1,0 +1,37 @@
+"""The ``final/`` directory: a model that transformers (or safetensors) loads as is."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_model
+from torch import nn
+
+
+def export_final(model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:
+    """Write the trained model to ``directory`` atomically (temp dir, then rename).
+
+    A transformers model is saved with ``save_pretrained`` (safetensors); any other module as
+    ``model.safetensors``. The tokenizer, when given, is saved beside it.
+    """
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(tmp))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
+    return directory

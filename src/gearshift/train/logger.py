@@ -1,0 +1,99 @@
+"""Where a run's numbers go: ``metrics.jsonl``, ``events.jsonl``, TensorBoard, Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from gearshift.errors import ConfigError, Problem
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan" / "inf": JSON has no such numbers
+    return value
+
+
+class RunLogger:
+    """Appends metrics and events as JSON lines and mirrors scalars to TensorBoard / W&B.
+
+    Only the main process writes. On resume, :meth:`truncate_after` drops metric lines logged
+    after the checkpoint being resumed, so the history reads as if the run had never stopped.
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False,
+                 wandb_project: str = "gearshift", run_name: str = "", enabled: bool = True,
+                 purge_step: int | None = None, config: dict[str, Any] | None = None) -> None:
+        self.enabled = enabled
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.events_path = run_dir / "events.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+        if wandb:
+            try:
+                import wandb as wandb_mod
+            except ImportError:
+                raise ConfigError([Problem(
+                    "logging.wandb",
+                    "Weights & Biases is not installed; pip install 'gearshift[wandb]' "
+                    "or set logging.wandb: false")]) from None
+            self._wandb = wandb_mod.init(project=wandb_project, name=run_name, config=config,
+                                         dir=str(run_dir), resume="allow")
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only metric lines with ``step <= step`` (used when resuming)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.replace(self.metrics_path)
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in metrics.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def log_event(self, step: int, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "event": kind, "time": time.time(),
+                  **{k: _json_safe(v) for k, v in fields.items()}}
+        with self.events_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -1,0 +1,50 @@
+"""Activation (gradient) checkpointing for Hugging Face models and plain modules."""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gearshift.errors import ConfigError, Problem
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> str:
+    """Recompute activations in backward instead of storing them. Returns what was wrapped.
+
+    Hugging Face models use their own switch. For a plain module the blocks are the longest
+    ``nn.ModuleList`` (or the children of a top-level ``nn.Sequential``); each block's forward is
+    wrapped in non-reentrant ``torch.utils.checkpoint``, which gives gradients identical to the
+    unwrapped model.
+    """
+    if hasattr(model, "gradient_checkpointing_enable") and getattr(
+        model, "supports_gradient_checkpointing", False
+    ):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+        return "transformers"
+    blocks: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(blocks):
+            blocks = list(module)
+    if not blocks and isinstance(model, nn.Sequential):
+        blocks = list(model.children())
+    if not blocks:
+        raise ConfigError([Problem(
+            "training.gradient_checkpointing",
+            f"{type(model).__name__} has no nn.ModuleList or nn.Sequential of blocks to "
+            "checkpoint; turn it off or call torch.utils.checkpoint in your forward")])
+    for block in blocks:
+        if getattr(block, "_gearshift_checkpointed", False):
+            continue
+        inner = block.forward
+
+        @functools.wraps(inner)
+        def forward(*args, _inner=inner, **kwargs):  # type: ignore[no-untyped-def]
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # type: ignore[method-assign]
+        block._gearshift_checkpointed = True  # type: ignore[attr-defined]
+    return f"{len(blocks)} blocks"

@@ -1,0 +1,406 @@
+"""The training loop: one code path for every precision, task and number of processes."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from gearshift.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from gearshift.config import Config, load_config
+from gearshift.errors import CheckpointError
+from gearshift.schedules import build_lr_scheduler
+from gearshift.train import setup
+from gearshift.train.callbacks import Callback, CallbackList
+from gearshift.train.export import export_final
+from gearshift.train.interrupt import StopRequest, TrainingInterrupted
+from gearshift.train.logger import RunLogger
+from gearshift.train.memory import enable_gradient_checkpointing
+from gearshift.train.resume import restore_schedule
+from gearshift.train.rundir import create_run_dir, write_run_config
+from gearshift.train.stream import BatchStream
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RunResult:
+    """What a finished (or gracefully stopped) run leaves behind."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    final_dir: Path | None = None
+    interrupted: bool = False
+
+
+class Trainer:
+    """Trains any ``nn.Module`` with managed schedules, checkpoints and exact resume.
+
+    Args:
+        model: the module to train.
+        train_data: a map-style dataset (``__len__`` / ``__getitem__``).
+        config: a :class:`Config`, a dict, or a YAML path.
+        loss_fn: ``loss_fn(model, batch) -> Tensor`` giving the batch's *mean* loss; or a
+            :class:`~gearshift.tasks.TokenWeightedLoss` (summed loss + ``units(batch)``) for
+            token-weighted accumulation. Default: the model's own ``loss`` output.
+        eval_data: optional held-out dataset; evaluated every ``training.eval_every`` steps.
+        callbacks: :class:`Callback` instances.
+        run_dir: where to write the run (default: a new dir under ``output_dir``).
+        resume_from: a run directory whose newest valid checkpoint to continue from.
+        tokenizer: saved beside the model in ``final/`` when given.
+        collate_fn: merges samples into a batch (default: torch's ``default_collate``).
+
+    Example:
+        >>> trainer = Trainer(model, dataset, {"training": {"max_steps": 100}})
+        >>> result = trainer.fit()
+    """
+
+    def __init__(self, model: nn.Module, train_data: Sequence[Any], config: Config | Mapping | str | Path,
+                 loss_fn: Callable[..., torch.Tensor] | None = None,
+                 eval_data: Sequence[Any] | None = None, callbacks: Iterable[Callback] = (), *,
+                 run_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                 tokenizer: Any = None, collate_fn: Callable[[list[Any]], Any] | None = None,
+                 audit: dict[str, Any] | None = None) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.model = model
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.loss_fn = loss_fn
+        self.callbacks = CallbackList(callbacks)
+        self.tokenizer = tokenizer
+        self.collate_fn = collate_fn
+        self.audit = audit
+        self._run_dir_arg = Path(run_dir) if run_dir is not None else None
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.should_stop = False
+        self.step = 0
+        self.run_dir: Path | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup(self) -> None:
+        cfg = self.config
+        set_seed(cfg.seed)
+        self.accelerator = acc = setup.make_accelerator(cfg.training.precision)
+        self.is_main = acc.is_main_process
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        optimizer = setup.build_optimizer(self.model, cfg)
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.raw_model = acc.unwrap_model(self.model)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        t = cfg.training
+        self.stream = BatchStream(self.train_data, batch_size=t.batch_size,
+                                  accumulate=t.accumulate_grad_batches, seed=cfg.seed,
+                                  drop_last=t.drop_last, rank=acc.process_index,
+                                  world_size=acc.num_processes, collate_fn=self.collate_fn)
+        self.total_steps, length, warmup = setup.schedule_lengths(cfg, self.stream.steps_per_epoch)
+        s = cfg.schedule
+        self.schedule_kwargs = dict(total_steps=length, warmup_steps=warmup,
+                                    min_lr_ratio=s.min_lr_ratio,
+                                    warmup_start_factor=s.warmup_start_factor, **s.options)
+        self.scheduler = build_lr_scheduler(self.optimizer, s.name, **self.schedule_kwargs)
+
+        if self._run_dir_arg is None and self.resume_from is not None:
+            self._run_dir_arg = self.resume_from
+        self.run_dir = self._run_dir_arg or create_run_dir(cfg.output_dir, cfg.name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            audit = self.audit if self.audit is not None else {}
+            write_run_config(self.run_dir, cfg, audit)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self.initial_eval: dict[str, float] | None = None
+        resumed = self._maybe_resume() if self.resume_from is not None else None
+        lg = cfg.logging
+        self.logger = RunLogger(self.run_dir, tensorboard=lg.tensorboard, wandb=lg.wandb,
+                                wandb_project=lg.wandb_project, run_name=self.run_dir.name,
+                                enabled=self.is_main,
+                                purge_step=self.step + 1 if resumed else None,
+                                config=cfg.model_dump(mode="json"))
+        if resumed is not None:
+            self.logger.truncate_after(self.step)
+            self.logger.log_event(self.step, "resume", checkpoint=str(resumed[0]),
+                                  skipped_corrupt=resumed[1], notes=resumed[2])
+        else:
+            self.logger.log_event(0, "start", total_steps=self.total_steps,
+                                  steps_per_epoch=self.stream.steps_per_epoch)
+
+    def _maybe_resume(self) -> tuple[Path, list[str], list[str]] | None:
+        ckpt_dir = self.resume_from / "checkpoints"
+        manager = CheckpointManager(ckpt_dir, keep_last=self.config.checkpoint.keep_last)
+        path, skipped = manager.find_latest_valid()
+        skipped_text = [f"{p.name}: {why}" for p, why in skipped]
+        for line in skipped_text:
+            self._print(f"skipping corrupt checkpoint {line}")
+        if path is None:
+            raise CheckpointError(
+                f"no valid checkpoint in {ckpt_dir}" + (f" ({len(skipped)} corrupt)" if skipped
+                                                         else "") +
+                "; start a new run instead of resuming")
+        loaded = manager.load(path, model=self.raw_model, optimizer=self.optimizer)
+        state = loaded.trainer_state
+        notes = self._load_state(state)
+        self._print(f"resumed from {path} at step {self.step}")
+        for note in notes:
+            self._print(f"  {note}")
+        return path, skipped_text, notes
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides weights and optimizer needed to continue exactly (JSON-safe)."""
+        scaler = self.accelerator.scaler
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "seed": self.config.seed,
+            "position": self.stream.position.state_dict(),
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "schedule": self.scheduler.state_dict(),
+            "schedule_interval": self.config.schedule.interval,
+            "rng": capture_rng_state(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "callbacks": self.callbacks.state_dict(),
+            "initial_eval": self.initial_eval,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> list[str]:
+        """Restore from a checkpoint's trainer state; returns notes on what won where."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"trainer state version {state.get('version')} is not "
+                                  f"supported (expected {STATE_VERSION})")
+        notes = ["from the checkpoint: weights, optimizer, step, data position, RNG, schedule "
+                 "position; from the config: run length, cadences, logging"]
+        self.step = int(state["step"])
+        self.stream.position.load_state_dict(state["position"])
+        if state["seed"] != self.config.seed:
+            notes.append(f"seed {state['seed']} from the checkpoint wins over {self.config.seed} "
+                         "in the config (data order must not change mid-run)")
+            self.stream.seed = int(state["seed"])
+        if state.get("total_steps") != self.total_steps:
+            notes.append(f"run length {self.total_steps} steps from the config "
+                         f"(the checkpoint's run planned {state.get('total_steps')})")
+        notes.extend(restore_schedule(self.scheduler, state["schedule"], self.optimizer))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.initial_eval = state.get("initial_eval")
+        if state.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        missing = self.callbacks.load_state_dict(state.get("callbacks", {}))
+        if missing:
+            notes.append(f"no saved state for callbacks {missing}: they start fresh")
+        restore_rng_state(state["rng"])
+        return notes
+
+    # ------------------------------------------------------------------ steps
+
+    def _loss_and_units(self, batch: Any) -> tuple[torch.Tensor, int]:
+        fn = self.loss_fn
+        if fn is not None and hasattr(fn, "units"):
+            return fn(self.model, batch), fn.units(batch)
+        n = setup.batch_size_of(batch)
+        if fn is not None:
+            loss = fn(self.model, batch)
+        else:
+            out = self.model(**batch) if isinstance(batch, Mapping) else self.model(batch)
+            loss = setup.output_loss(out)
+        return loss * n, n
+
+    def _units(self, batch: Any) -> int:
+        fn = self.loss_fn
+        return fn.units(batch) if fn is not None and hasattr(fn, "units") else \
+            setup.batch_size_of(batch)
+
+    def train_step(self, window: list[Any]) -> dict[str, float] | None:
+        """One optimizer step over an accumulation window. None when the step was skipped."""
+        acc, model = self.accelerator, self.model
+        local_units = sum(self._units(b) for b in window)
+        total_units = local_units
+        if acc.num_processes > 1:
+            total_units = int(acc.reduce(torch.tensor(local_units, device=acc.device), "sum"))
+        # Each micro-batch's summed loss is divided by the units of the *whole* window (all
+        # ranks), so accumulation equals one big batch, short last windows included. DDP
+        # averages gradients over ranks, hence the world-size factor.
+        scale = acc.num_processes / max(total_units, 1)
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(window):
+            batch = setup.to_device(batch, acc.device)
+            is_accumulating = i < len(window) - 1
+            sync = acc.no_sync(model) if is_accumulating and acc.num_processes > 1 else nullcontext()
+            with sync:
+                loss, _ = self._loss_and_units(batch)
+                acc.backward(loss * scale)
+            loss_sum += loss.detach().float()
+            self.samples_seen += setup.batch_size_of(batch) * acc.num_processes
+            self.tokens_seen += setup.tokens_of(batch) * acc.num_processes
+        if acc.num_processes > 1:
+            loss_sum = acc.reduce(loss_sum, "sum")
+        step_loss = float(loss_sum) / max(total_units, 1)
+        t = self.config.training
+        clip = t.grad_clip or 0.0
+        max_norm = clip if t.grad_clip_algorithm == "norm" and clip > 0 else math.inf
+        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+        if t.grad_clip_algorithm == "value" and clip > 0:
+            torch.nn.utils.clip_grad_value_(self.params, clip)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.logger.log_event(self.step, "nonfinite_skip", loss=step_loss, grad_norm=grad_norm)
+            return None
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
+            self.logger.log_event(self.step, "fp16_overflow_skip", loss=step_loss)
+            return None
+        self.step += 1
+        if self.config.schedule.interval == "step":
+            self.scheduler.step()
+        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted loss and perplexity over the whole eval set."""
+        if self.eval_data is None or len(self.eval_data) == 0:
+            return {}
+        acc = self.accelerator
+        self.model.eval()
+        stream = BatchStream(self.eval_data, batch_size=self.config.training.batch_size,
+                             shuffle=False, rank=acc.process_index, world_size=acc.num_processes,
+                             collate_fn=self.collate_fn)
+        total = torch.zeros((), device=acc.device, dtype=torch.float64)
+        units = 0
+        for _ in range(stream.batches_per_epoch):
+            (batch,), _ = stream.next_window()
+            batch = setup.to_device(batch, acc.device)
+            loss, n = self._loss_and_units(batch)
+            total += loss.double()
+            units += n
+        self.model.train()
+        if acc.num_processes > 1:
+            total = acc.reduce(total, "sum")
+            units = int(acc.reduce(torch.tensor(units, device=acc.device), "sum"))
+        loss = float(total) / max(units, 1)
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> RunResult:
+        """Train until the configured length (or a stop), checkpointing along the way."""
+        self._setup()
+        cfg, t = self.config, self.config.training
+        assert self.run_dir is not None
+        self.model.train()
+        self.callbacks.fire("on_train_start", self)
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+            if self.initial_eval:
+                self.logger.log_metrics(0, self.initial_eval)
+                self.callbacks.fire("on_eval", self, self.initial_eval)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.logging.progress_bar and self.is_main), file=sys.stderr)
+        last_ckpt: Path | None = None
+        interval_start, interval_tokens, interval_losses = time.perf_counter(), self.tokens_seen, []
+        interrupted: int | None = None
+        try:
+            with StopRequest() as stop:
+                while self.step < self.total_steps:
+                    window, epoch_ended = self.stream.next_window()
+                    metrics = self.train_step(window)
+                    if epoch_ended:
+                        if cfg.schedule.interval == "epoch":
+                            self.scheduler.step()
+                        self.callbacks.fire("on_epoch_end", self, self.stream.position.epoch - 1)
+                    if metrics is None:
+                        continue
+                    interval_losses.append(metrics["loss"])
+                    metrics["epoch"] = self.stream.position.epoch
+                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        metrics["tokens_per_s"] = (self.tokens_seen - interval_tokens) / max(
+                            now - interval_start, 1e-9)
+                        metrics["loss_avg"] = sum(interval_losses) / len(interval_losses)
+                        interval_start, interval_tokens, interval_losses = now, self.tokens_seen, []
+                        self.logger.log_metrics(self.step, metrics)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                        tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                    bar.update(1)
+                    self.callbacks.fire("on_step_end", self, metrics)
+                    if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                        self._run_eval()
+                    stopping = stop.signum is not None or self.should_stop
+                    if cfg.checkpoint.enabled and (self.step % cfg.checkpoint.every == 0 or stopping):
+                        last_ckpt = self.save_checkpoint()
+                    if stop.signum is not None:
+                        interrupted = stop.signum
+                        break
+                    if self.should_stop:
+                        self.logger.log_event(self.step, "stop", reason="callback")
+                        break
+        finally:
+            bar.close()
+        if interrupted is not None:
+            where = f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (disabled)"
+            msg = (f"stopped at step {self.step}/{self.total_steps}; {where}. "
+                   f"Resume with: gearshift resume {self.run_dir}")
+            self.logger.log_event(self.step, "interrupted", signal=interrupted)
+            self.logger.close()
+            raise TrainingInterrupted(msg, interrupted)
+        return self._finish(last_ckpt)
+
+    def _run_eval(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if metrics:
+            self.logger.log_metrics(self.step, metrics)
+            self.callbacks.fire("on_eval", self, metrics)
+        return metrics
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (main process only)."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            path = self.ckpt.save(self.step, model=self.raw_model, optimizer=self.optimizer,
+                                  trainer_state=self.state_dict())
+            self.logger.log_event(self.step, "checkpoint", path=str(path))
+            self.callbacks.fire("on_checkpoint", self, path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _finish(self, last_ckpt: Path | None) -> RunResult:
+        assert self.run_dir is not None
+        final_eval = self._run_eval()
+        if self.config.checkpoint.enabled and (last_ckpt is None or last_ckpt.name !=
+                                               f"step-{self.step:08d}"):
+            last_ckpt = self.save_checkpoint()
+        final_dir = None
+        if self.is_main:
+            final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer)
+        metrics: dict[str, float] = {}
+        if self.initial_eval:
+            metrics["eval/loss_before"] = self.initial_eval["eval/loss"]
+        metrics.update(final_eval)
+        self.logger.log_event(self.step, "end", **metrics)
+        self.logger.close()
+        result = RunResult(self.run_dir, self.step, metrics, last_ckpt, final_dir)
+        self.callbacks.fire("on_train_end", self, result)
+        return result
+
+    def _print(self, message: str) -> None:
+        if getattr(self, "is_main", True):
+            print(message, file=sys.stderr, flush=True)
