@@ -238,7 +238,13 @@ def test_optimizer_codec_keeps_types_and_non_finite_values(tmp_path: Path) -> No
             5: {"pair": (torch.ones(2, dtype=torch.bfloat16), 7)},
         },
         "param_groups": [
-            {"lr": 0.1, "betas": (0.9, 0.999), "clip": math.inf, "floor": -math.inf, "params": [0, 2]},
+            {
+                "lr": 0.1,
+                "betas": (0.9, 0.999),
+                "clip": math.inf,
+                "floor": -math.inf,
+                "params": [0, 2],
+            },
             {"lr": math.nan, "weird": {"__tuple__": 1, 3: "int key"}, "params": [5]},
         ],
     }
@@ -293,6 +299,15 @@ def test_full_state_dict_of_tied_model_loads_strict(manager: CheckpointManager) 
     assert_weights_equal(source, target)
     assert target.lm_head.weight is target.model.embed_tokens.weight
 
+    # Dropping both names of the tied pair leaves the weight truly missing.
+    untied = {
+        k: v for k, v in source.state_dict().items() if "embed" not in k and "lm_head" not in k
+    }
+    partial = manager.save(2, model=untied, trainer_state={})
+    with pytest.raises(CheckpointError) as info:
+        manager.load(partial, model=make_llama(1))
+    assert "missing from checkpoint: lm_head.weight, model.embed_tokens.weight" in str(info.value)
+
 
 # ---------------------------------------------------------------- files on disk
 
@@ -302,7 +317,11 @@ def test_files_manifest_and_latest_link(manager: CheckpointManager) -> None:
     optimizer = torch.optim.AdamW(model.parameters())
     train_steps(model, optimizer, mlp_batches(1))
     path = manager.save(
-        200, model=model, optimizer=optimizer, trainer_state={"step": 200}, extra_json={"signals": {}}
+        200,
+        model=model,
+        optimizer=optimizer,
+        trainer_state={"step": 200},
+        extra_json={"signals": {}},
     )
     assert path == manager.directory / "step-00000200"
     names = sorted(p.name for p in path.iterdir())
@@ -330,7 +349,13 @@ def test_files_manifest_and_latest_link(manager: CheckpointManager) -> None:
     link = manager.directory / "latest"
     assert link.is_symlink() and os.readlink(link) == "step-00000200"
     assert manager.latest() == path
-    assert sorted(p.name for p in manager.directory.iterdir()) == ["latest", "step-00000200"]
+    assert manager.load(link).path == path
+    assert manager.save(np.int64(300), model=model, trainer_state={}).name == "step-00000300"
+    assert sorted(p.name for p in manager.directory.iterdir()) == [
+        "latest",
+        "step-00000200",
+        "step-00000300",
+    ]
 
 
 def test_latest_is_none_when_absent_or_dangling(manager: CheckpointManager) -> None:
@@ -384,11 +409,21 @@ def test_sigkill_mid_write_leaves_previous_checkpoint(manager: CheckpointManager
     # killing on a signal instead of after a guessed delay makes the test deterministic.
     child = textwrap.dedent(
         """
-        import os, sys, time
+        import os, sys, time, types
+
+        # Load gearshift.checkpoint without running gearshift/__init__.py (which pulls in the
+        # trainer): faster, and it proves the checkpoint layer stands on its own.
+        package = types.ModuleType("gearshift")
+        package.__path__ = [sys.argv[2]]
+        sys.modules["gearshift"] = package
+
         import safetensors.torch as st
         import torch
         from torch import nn
         from gearshift.checkpoint import CheckpointManager
+
+        if any(name.startswith(("gearshift.train", "gearshift.cli")) for name in sys.modules):
+            raise SystemExit("gearshift.checkpoint imported the trainer or CLI")
 
         def half_then_hang(tensors, filename, metadata=None):
             data = st.save(tensors, metadata=metadata)
@@ -404,12 +439,10 @@ def test_sigkill_mid_write_leaves_previous_checkpoint(manager: CheckpointManager
         CheckpointManager(sys.argv[1]).save(2, model=model, trainer_state={"step": 2})
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", child, str(manager.directory)],
+        [sys.executable, "-c", child, str(manager.directory), str(SRC / "gearshift")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=env,
         text=True,
     )
     try:
@@ -489,7 +522,9 @@ def test_flipped_byte_is_detected_and_load_refuses(manager: CheckpointManager) -
     [
         (lambda p: (p / "optimizer.json").unlink(), "optimizer.json: missing"),
         (
-            lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:50]),
+            lambda p: (p / "model.safetensors").write_bytes(
+                (p / "model.safetensors").read_bytes()[:50]
+            ),
             "model.safetensors: size is 50 bytes",
         ),
         (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json: unreadable"),
@@ -502,7 +537,14 @@ def test_flipped_byte_is_detected_and_load_refuses(manager: CheckpointManager) -
             "sha256 mismatch",
         ),
     ],
-    ids=["deleted", "truncated", "manifest-garbage", "manifest-missing", "unlisted", "manifest-edited"],
+    ids=[
+        "deleted",
+        "truncated",
+        "manifest-garbage",
+        "manifest-missing",
+        "unlisted",
+        "manifest-edited",
+    ],
 )
 def test_damage_is_reported(manager: CheckpointManager, damage, expected: str) -> None:
     _, path = save_mlp(manager, 1)

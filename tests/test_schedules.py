@@ -217,18 +217,16 @@ def combos(draw: st.DrawFn, name: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_matches_reference_step_by_step(name: str) -> None:
-    @settings(max_examples=40, deadline=None)
-    @given(kw=combos(name))
-    def check(kw: dict[str, Any]) -> None:
-        schedule = build_schedule(name, **kw)
-        T, w = kw.pop("total_steps"), kw.pop("warmup_steps")
-        m, f = kw.pop("min_lr_ratio"), kw.pop("warmup_start_factor")
-        for s in range(T + 3):
-            want = reference(name, s, T=T, w=w, m=m, f=f, **kw)
-            assert math.isclose(schedule.multiplier(s), want, rel_tol=1e-12, abs_tol=1e-12), s
-
-    check()
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_matches_reference_step_by_step(name: str, data: st.DataObject) -> None:
+    kw = data.draw(combos(name))
+    schedule = build_schedule(name, **kw)
+    T, w = kw.pop("total_steps"), kw.pop("warmup_steps")
+    m, f = kw.pop("min_lr_ratio"), kw.pop("warmup_start_factor")
+    for s in range(T + 3):
+        want = reference(name, s, T=T, w=w, m=m, f=f, **kw)
+        assert math.isclose(schedule.multiplier(s), want, rel_tol=1e-12, abs_tol=1e-12), s
 
 
 # --- the torch scheduler ----------------------------------------------------------------------
@@ -412,11 +410,12 @@ def test_resume_continues_identical_sequence(
     assert advance(resumed, T + 5 - k) == want[k:]
 
 
-# Bad, bad, better, bad x4 ...: exercises patience, cooldown and the floor.
+# With patience 1 and cooldown 2 these reduce three times, the third time onto the floor.
 METRICS = [1.0, 1.0, 1.0, 0.5, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.4, 0.9]
 
 
-@pytest.mark.parametrize("cut", [2, 5, 8, 9, 13])
+# Cuts land on: one bad report pending (2, 6), mid-cooldown (8), just floored (13).
+@pytest.mark.parametrize("cut", [2, 5, 6, 8, 9, 13])
 def test_plateau_resume_keeps_counters(cut: int, tmp_path: Any) -> None:
     kw: dict[str, Any] = {"warmup_steps": 1, "min_lr_ratio": 0.2, "patience": 1, "cooldown": 2}
     whole = build_lr_scheduler(two_group_optimizer(), "plateau", total_steps=30, **kw)
@@ -438,11 +437,7 @@ def test_plateau_state_mid_cooldown_is_explicit(tmp_path: Any) -> None:
         two_group_optimizer(), "plateau", total_steps=30, patience=0, cooldown=3
     )
     assert sched.state_dict()["plateau"]["best"] == "inf"
-    assert [sched.report(x) for x in (1.0, 2.0, 2.0)] == [True, False, False][:0] + [
-        False,
-        True,
-        False,
-    ]
+    assert [sched.report(x) for x in (1.0, 2.0, 2.0)] == [False, True, False]
     state = through_json_and_torch(sched.state_dict(), tmp_path)
     assert state["plateau"] == {
         "best": 1.0,

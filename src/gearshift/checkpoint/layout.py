@@ -12,6 +12,7 @@ is complete starts with a dot, so a listing of ``step-*`` folders never sees it:
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import secrets
@@ -48,9 +49,9 @@ def step_dir_name(step: int) -> str:
         >>> step_dir_name(200)
         'step-00000200'
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
-    return f"step-{step:08d}"
+    return f"step-{int(step):08d}"
 
 
 def parse_step_dir(name: str) -> int | None:

@@ -155,6 +155,7 @@ class CheckpointManager:
             ValueError: If ``step``, a name or a JSON payload is invalid (nothing is written).
         """
         final = self.directory / step_dir_name(step)
+        step = int(step)  # A numpy integer would not serialize into the manifest.
         if not isinstance(trainer_state, Mapping):
             raise ValueError(f"trainer_state must be a mapping, got {type(trainer_state).__name__}")
         # Serialize every JSON payload up front so a bad value fails before anything is written.
@@ -326,6 +327,9 @@ class CheckpointManager:
                 model or optimizer; the message names the checkpoint and the file or tensor.
         """
         path = Path(path)
+        if path.is_symlink():
+            # Report the step folder, not ``latest``, so the caller logs what was really loaded.
+            path = path.parent / os.readlink(path)
         problems = verify_checkpoint(path)
         if problems:
             raise CheckpointError(

@@ -103,7 +103,12 @@ class ScheduleConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_schedule(cls, value: str) -> str:
-        return resolve_schedule_name(value)
+        try:
+            return resolve_schedule_name(value)
+        except ValueError as exc:
+            problems = getattr(exc, "problems", None)
+            raise ValueError("; ".join(p.message for p in problems) if problems else str(exc)) \
+                from None
 
 
 class TrainingConfig(Section):

@@ -44,6 +44,7 @@ def as_step(step: object) -> int:
 
 
 def integral_or_none(value: object) -> int | None:
+    """Return ``value`` as an ``int`` if it is integral (``bool`` excluded), else ``None``."""
     # bool is an int subclass, but `warmup_steps=True` is always a mistake.
     if isinstance(value, bool):
         return None
@@ -65,7 +66,7 @@ def _real(value: object) -> float | None:
 
 
 class FieldChecker:
-    """Validates and normalises the fields of one schedule, collecting every problem.
+    """Validates and normalises the fields of one schedule, collecting every problem (internal).
 
     Normalised values (``numpy.int64`` -> ``int``, ``1`` -> ``1.0``) are written back so that the
     schedule's :meth:`Schedule.params` are plain, JSON-safe Python values.
@@ -204,7 +205,13 @@ class Schedule:
         return self._decay(step)
 
     def progress(self, step: int) -> float:
-        """Return ``clamp((step - w) / (T - w), 0, 1)``, the post-warmup progress."""
+        """Return ``clamp((step - w) / (T - w), 0, 1)``, the post-warmup progress.
+
+        Example:
+            >>> from gearshift.schedules import build_schedule
+            >>> build_schedule("linear", total_steps=12, warmup_steps=2).progress(7)
+            0.5
+        """
         done = float(step - self.warmup_steps) / float(self.total_steps - self.warmup_steps)
         return min(1.0, max(0.0, done))
 
@@ -224,5 +231,11 @@ class Schedule:
 
     @classmethod
     def options(cls) -> dict[str, object]:
-        """Return the shape-specific fields and their defaults (the common four excluded)."""
+        """Return the shape-specific fields and their defaults (the common four excluded).
+
+        Example:
+            >>> from gearshift.schedules import SCHEDULES
+            >>> SCHEDULES["polynomial"].options()
+            {'power': 1.0}
+        """
         return {f.name: f.default for f in fields(cls) if f.name not in COMMON_FIELDS}

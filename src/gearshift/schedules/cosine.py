@@ -15,7 +15,12 @@ from gearshift.schedules.base import FieldChecker, Schedule
 
 
 def half_cosine(fraction: float) -> float:
-    """Return ``0.5 * (1 + cos(pi * fraction))``: 1 at 0, 0 at 1."""
+    """Return ``0.5 * (1 + cos(pi * fraction))``: 1 at 0, 0 at 1.
+
+    Example:
+        >>> half_cosine(0.5)
+        0.5
+    """
     return 0.5 * (1.0 + math.cos(math.pi * fraction))
 
 

@@ -91,7 +91,15 @@ class GearshiftLR(LRScheduler):
         super().__init__(optimizer)
 
     def current_multiplier(self) -> float:
-        """Return the factor applied to every base LR at the current step."""
+        """Return the factor applied to every base LR at the current step.
+
+        Example:
+            >>> import torch
+            >>> from gearshift.schedules import build_lr_scheduler
+            >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+            >>> build_lr_scheduler(opt, "constant", total_steps=8, warmup_steps=4).current_multiplier()
+            0.0
+        """
         mult = self.schedule.multiplier(max(self.last_epoch, 0))
         if self.plateau is not None:
             mult *= self.plateau.current_factor

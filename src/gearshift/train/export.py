@@ -21,7 +21,15 @@ def export_final(model: nn.Module, directory: Path, tokenizer: Any = None) -> Pa
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one tiny shard does not need a progress bar
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
     else:
         save_model(model, str(tmp / "model.safetensors"))
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):

@@ -21,7 +21,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> str:
     if hasattr(model, "gradient_checkpointing_enable") and getattr(
         model, "supports_gradient_checkpointing", False
     ):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the switch; older releases only have the first name.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model, "config"):
             model.config.use_cache = False
         return "transformers"

@@ -106,11 +106,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def output_loss(output: Any) -> torch.Tensor:
     """The loss in what a model returned: a tensor, or a ``loss`` entry / attribute."""
-    if isinstance(output, torch.Tensor):
-        return output
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor):
-        return loss
-    raise TypeError(
-        f"the model returned a {type(output).__name__} with no 'loss'; pass loss_fn=... to the "
-        "Trainer, or make the model return its loss")
+    loss = output
+    if not isinstance(output, torch.Tensor):
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss.reshape(())
+    what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else \
+        f"a {type(output).__name__} with no scalar 'loss'"
+    raise TypeError(f"the model returned {what}; pass loss_fn=... to the Trainer, or make the "
+                    "model return its loss")
