@@ -26,10 +26,16 @@ the loop; gearshift: ``Callback.on_step_end``; HF: ``TrainerCallback.on_step_end
 ``on_train_batch_end`` of the micro-batch that completed an optimizer step). Steps/s is
 ``(steps - skip) / (stamp[steps] - stamp[skip])``: set-up, the first ``skip`` steps (lazy
 initialisation) and teardown are excluded, and every interval between two stamps contains one
-whole iteration of the framework's loop, logging included. "fixed s" estimates what was left
-out: the wall time of the whole run (trainer construction, fit, teardown, final export) minus
-``steps`` at the measured rate. "eval loss" is the trained model's loss on the same held-out
-sequences for every arm; equal values show the arms did the same training.
+whole iteration of the framework's loop, logging included. The ratio to ``plain`` is taken
+round by round (same minute, same machine state); the table shows its median and range.
+On a shared machine a single step can stall for a second when another process takes a core
+(worst with several threads), so a second ratio uses each run's *median* step interval,
+which such stalls do not move; when the two ratios agree the measurement is clean.
+"outside s" is what the step timing leaves out, measured directly: the run's wall time
+(trainer construction, first step, teardown, final export) minus the span from the end of
+the first step to the end of the last. "eval loss" is the trained model's loss on the same
+held-out sequences for every arm; equal values show the arms did the same training.
+Frameworks are imported before the first run so that no arm pays for an import.
 
 Run ``python bench/overhead.py --help`` for the options.
 """
@@ -37,7 +43,10 @@ Run ``python bench/overhead.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib
+import io
 import json
 import logging
 import math
@@ -98,7 +107,8 @@ class RunRecord:
     arm: str
     round: int
     steps_per_s: float
-    fixed_s: float
+    median_step_per_s: float
+    outside_s: float
     eval_loss: float
     threads: int
 
@@ -345,14 +355,25 @@ def time_run(arm: str, rnd: int, job: Job, threads: int) -> RunRecord:
     gc.collect()
     model = build_model(job)
     stamps: list[float] = []
+    # Every arm's chatter (HF's printed logs, Lightning's banners, save_pretrained's progress
+    # bar) goes to one buffer, shown only if the run fails.
+    chatter = io.StringIO()
     with tempfile.TemporaryDirectory(dir=job.workdir, prefix=f"{arm}-") as workdir:
-        start = time.perf_counter()
-        RUNNERS[arm](job, model, workdir, stamps)
-        wall = time.perf_counter() - start
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                start = time.perf_counter()
+                RUNNERS[arm](job, model, workdir, stamps)
+                wall = time.perf_counter() - start
+        except BaseException:
+            sys.stderr.write(chatter.getvalue())
+            raise
     if len(stamps) != job.steps:
         raise RuntimeError(f"{arm}: {len(stamps)} step stamps for {job.steps} steps")
-    rate = (job.steps - job.skip) / (stamps[-1] - stamps[job.skip - 1])
-    return RunRecord(arm=arm, round=rnd, steps_per_s=rate, fixed_s=wall - job.steps / rate,
+    timed = stamps[job.skip - 1 :]
+    intervals = [b - a for a, b in zip(timed, timed[1:], strict=False)]
+    return RunRecord(arm=arm, round=rnd, steps_per_s=len(intervals) / (timed[-1] - timed[0]),
+                     median_step_per_s=1.0 / statistics.median(intervals),
+                     outside_s=wall - (stamps[-1] - stamps[0]),
                      eval_loss=eval_loss(model, job.eval_ids), threads=torch.get_num_threads())
 
 
@@ -366,14 +387,16 @@ def summarize(records: list[RunRecord], arms: list[str]) -> list[dict[str, Any]]
         row: dict[str, Any] = {
             "arm": arm,
             "steps_per_s": statistics.median(r.steps_per_s for r in mine),
-            "fixed_s": statistics.median(r.fixed_s for r in mine),
+            "outside_s": statistics.median(r.outside_s for r in mine),
             "eval_loss": statistics.median(r.eval_loss for r in mine),
         }
         if "plain" in arms:
             ratios = [by_round[arm, k].steps_per_s / by_round["plain", k].steps_per_s
                       for k in rounds]
+            step_ratios = [by_round[arm, k].median_step_per_s
+                           / by_round["plain", k].median_step_per_s for k in rounds]
             row.update(ratio=statistics.median(ratios), ratio_min=min(ratios),
-                       ratio_max=max(ratios))
+                       ratio_max=max(ratios), median_step_ratio=statistics.median(step_ratios))
         rows.append(row)
     return rows
 
@@ -385,19 +408,38 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, job: Job,
           f"torch {torch.__version__}, {args.threads} threads")
     print(f"steps/s = median over rounds of steps {job.skip + 1}..{job.steps} per second, from "
           f"per-step end stamps (set-up, first {job.skip} steps and teardown excluded)")
-    print("ratio = median of per-round ratios to plain (higher is faster); range = min-max\n")
-    print(f"{'arm':<10} {'steps/s':>8} {'ratio':>7} {'range':>13} {'fixed s':>8} {'eval loss':>10}")
+    print("ratio = median over rounds of (arm steps/s) / (plain steps/s) in the same round; "
+          "higher is faster\n")
+    print(f"{'arm':<10} {'steps/s':>8} {'ratio':>7} {'ratio range':>12} {'median-step':>12} "
+          f"{'outside s':>10} {'eval loss':>10}")
     for row in rows:
         if "ratio" in row:
             ratio = f"{row['ratio']:.2f}x"
             spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
+            step_ratio = f"{row['median_step_ratio']:.2f}x"
         else:
-            ratio, spread = "-", "-"
-        print(f"{row['arm']:<10} {row['steps_per_s']:>8.2f} {ratio:>7} {spread:>13} "
-              f"{row['fixed_s']:>8.2f} {row['eval_loss']:>10.4f}")
-    print("\nfixed s = wall time of the whole run minus steps / (steps/s): construction, "
-          "slow first steps, teardown\neval loss = trained model on the same "
-          f"{EVAL_SEQUENCES} held-out sequences (equal = same training)")
+            ratio = spread = step_ratio = "-"
+        print(f"{row['arm']:<10} {row['steps_per_s']:>8.2f} {ratio:>7} {spread:>12} "
+              f"{step_ratio:>12} {row['outside_s']:>10.2f} {row['eval_loss']:>10.4f}")
+    print("\nmedian-step = the same ratio from each run's median step time (immune to stalls "
+          "caused by other processes)\noutside s = wall time of a run not inside the timed "
+          "steps: construction, first step, teardown, export\neval loss = trained model on the "
+          f"same {EVAL_SEQUENCES} held-out sequences (equal = same training)")
+
+
+FRAMEWORK_MODULES: dict[str, tuple[str, ...]] = {
+    "plain": (),
+    "gearshift": ("gearshift", "gearshift.tasks", "accelerate"),
+    "hf": ("transformers.trainer", "accelerate"),
+    "lightning": ("lightning",),
+}
+
+
+def import_frameworks(arms: list[str]) -> None:
+    """Import every selected framework now, so that no timed run pays for an import."""
+    for arm in arms:
+        for module in FRAMEWORK_MODULES[arm]:
+            importlib.import_module(module)
 
 
 def quiet_frameworks() -> None:
@@ -437,6 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Importing Lightning resets its loggers' levels, so quieten after the imports.
+    import_frameworks(args.arms)
     quiet_frameworks()
     torch.set_num_threads(args.threads)
     records: list[RunRecord] = []
@@ -449,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms[shift:] + args.arms[:shift]:
                 record = time_run(arm, rnd, job, args.threads)
                 records.append(record)
-                print(f"round {rnd} {arm:<10} {record.steps_per_s:7.2f} steps/s  "
-                      f"fixed {record.fixed_s:5.2f} s  eval loss {record.eval_loss:.4f}",
-                      file=sys.stderr, flush=True)
+                print(f"round {rnd} {arm:<10} {record.steps_per_s:7.2f} steps/s  median step "
+                      f"{record.median_step_per_s:7.2f}/s  outside {record.outside_s:5.2f} s  "
+                      f"eval loss {record.eval_loss:.4f}", file=sys.stderr, flush=True)
     if any(r.threads != args.threads for r in records):
         print(f"warning: torch thread count changed during a run: "
               f"{sorted({(r.arm, r.threads) for r in records})}", file=sys.stderr)

@@ -142,3 +142,11 @@ def test_empty_file_is_the_default(tmp_path: Path) -> None:
     f = tmp_path / "empty.yaml"
     f.write_text("", encoding="utf-8")
     assert load_config(f) == load_config(None)
+
+
+def test_warmup_in_a_higher_layer_replaces_a_lower_one(tmp_path: Path) -> None:
+    f = write_yaml(tmp_path / "c.yaml", {"schedule": {"warmup_ratio": 0.1}})
+    cfg = load_config(f, ["schedule.warmup_steps=7"])
+    assert (cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio) == (7, None)
+    with pytest.raises(ConfigError, match="two warmup forms"):
+        load_config({"schedule": {"warmup_ratio": 0.1, "warmup_epochs": 1}})

@@ -113,6 +113,7 @@ def resolve(layers: Sequence[Layer]) -> Resolved:
     merged = copy.deepcopy(defaults)
     origin: dict[str, str] = {}
     for layer in layers:
+        _clear_replaced_warmup(merged, layer.values)
         _merge(merged, layer.values)
         for key in _leaf_keys(layer.values):
             origin[key] = _origin_for(layer, key)
@@ -336,6 +337,21 @@ def _is_num(v: Any) -> bool:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+WARMUP_FORMS = ("warmup_steps", "warmup_ratio", "warmup_epochs")
+
+
+def _clear_replaced_warmup(merged: dict[str, Any], update: Mapping[str, Any]) -> None:
+    # A warmup given in a higher layer replaces one given in a lower layer (e.g. --warmup-steps
+    # over the default warmup_ratio). Two forms within one layer remain an error.
+    sched = update.get("schedule") if isinstance(update, Mapping) else None
+    if not isinstance(sched, Mapping) or not isinstance(merged.get("schedule"), dict):
+        return
+    if any(sched.get(k) is not None for k in WARMUP_FORMS):
+        for key in WARMUP_FORMS:
+            if key not in sched:
+                merged["schedule"][key] = None
 
 
 def _assign(target: dict[str, Any], dotted: str, value: Any) -> None:
