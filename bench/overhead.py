@@ -36,6 +36,9 @@ which such stalls do not move; when the two ratios agree the measurement is clea
 the first step to the end of the last. "eval loss" is the trained model's loss on the same
 held-out sequences for every arm; equal values show the arms did the same training.
 Frameworks are imported before the first run so that no arm pays for an import.
+"other load" is the share of the machine's CPU time during the run that went to processes
+other than this one (from ``/proc/stat``, Linux only); above a few percent the run was
+disturbed and its numbers deserve a rerun on a quiet machine.
 
 Run ``python bench/overhead.py --help`` for the options.
 """
@@ -83,6 +86,7 @@ EPS = 1e-8
 MIN_LR_RATIO = 0.1
 LOG_EVERY = 10
 EVAL_SEQUENCES = 32
+DISTURBED = 0.05  # share of the machine's CPU used by other processes that taints a run
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class RunRecord:
     outside_s: float
     eval_loss: float
     threads: int
+    other_load: float | None
 
 
 Arm = Callable[[Job, LlamaForCausalLM, str, list[float]], None]
@@ -132,6 +137,10 @@ def token_ce_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                            reduction="sum")
+
+
+def percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
 
 
 def targets_in(input_ids: torch.Tensor) -> int:
@@ -349,6 +358,16 @@ def check_schedules_agree(job: Job) -> None:
             raise SystemExit(f"schedules disagree at step {step}: {expected} vs {got}")
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (None off Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    idle = int(fields[3]) + int(fields[4])  # idle + iowait
+    return (sum(int(f) for f in fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def time_run(arm: str, rnd: int, job: Job, threads: int) -> RunRecord:
     """Train one fresh model with one arm and measure its steady-state step rate."""
     torch.set_num_threads(threads)
@@ -361,20 +380,27 @@ def time_run(arm: str, rnd: int, job: Job, threads: int) -> RunRecord:
     with tempfile.TemporaryDirectory(dir=job.workdir, prefix=f"{arm}-") as workdir:
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                busy0, own0 = machine_busy_s(), time.process_time()
                 start = time.perf_counter()
                 RUNNERS[arm](job, model, workdir, stamps)
                 wall = time.perf_counter() - start
+                busy1, own1 = machine_busy_s(), time.process_time()
         except BaseException:
             sys.stderr.write(chatter.getvalue())
             raise
     if len(stamps) != job.steps:
         raise RuntimeError(f"{arm}: {len(stamps)} step stamps for {job.steps} steps")
+    other_load = None
+    if busy0 is not None and busy1 is not None:
+        others = (busy1 - busy0) - (own1 - own0)
+        other_load = max(0.0, others / (wall * (os.cpu_count() or 1)))
     timed = stamps[job.skip - 1 :]
     intervals = [b - a for a, b in zip(timed, timed[1:], strict=False)]
     return RunRecord(arm=arm, round=rnd, steps_per_s=len(intervals) / (timed[-1] - timed[0]),
                      median_step_per_s=1.0 / statistics.median(intervals),
                      outside_s=wall - (stamps[-1] - stamps[0]),
-                     eval_loss=eval_loss(model, job.eval_ids), threads=torch.get_num_threads())
+                     eval_loss=eval_loss(model, job.eval_ids), threads=torch.get_num_threads(),
+                     other_load=other_load)
 
 
 def summarize(records: list[RunRecord], arms: list[str]) -> list[dict[str, Any]]:
@@ -495,12 +521,20 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(record)
                 print(f"round {rnd} {arm:<10} {record.steps_per_s:7.2f} steps/s  median step "
                       f"{record.median_step_per_s:7.2f}/s  outside {record.outside_s:5.2f} s  "
-                      f"eval loss {record.eval_loss:.4f}", file=sys.stderr, flush=True)
+                      f"eval loss {record.eval_loss:.4f}  other load "
+                      f"{percent(record.other_load)}", file=sys.stderr, flush=True)
     if any(r.threads != args.threads for r in records):
         print(f"warning: torch thread count changed during a run: "
               f"{sorted({(r.arm, r.threads) for r in records})}", file=sys.stderr)
     rows = summarize(records, args.arms)
     print_table(rows, args, job, params)
+    loads = [r.other_load for r in records if r.other_load is not None]
+    if loads:
+        print(f"other load = CPU used by other processes during the runs: median "
+              f"{percent(statistics.median(loads))}, max {percent(max(loads))}")
+        if max(loads) > DISTURBED:
+            print(f"warning: other processes used over {percent(DISTURBED)} of the CPU during "
+                  "some runs; trust the median-step column, or rerun on a quiet machine")
     if args.json is not None:
         args.json.write_text(json.dumps({
             "settings": {"steps": args.steps, "rounds": args.rounds, "threads": args.threads,

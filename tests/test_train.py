@@ -273,3 +273,20 @@ def test_loss_fn_mean_loss(tmp_path: Path) -> None:
     losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").open()]
     assert result.step == 80
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_plateau_schedule_reduces_lr_on_stalled_eval_loss(tmp_path: Path) -> None:
+    # A tiny learning rate keeps the eval loss flat, so every evaluation after warmup is "bad".
+    data, held_out = masked_lm_data(32), masked_lm_data(8, seed=5)
+    cfg = base_cfg(tmp_path, batch_size=8, max_steps=12, eval_every=2)
+    cfg["optim"] = {"name": "sgd", "learning_rate": 1e-9}
+    cfg["schedule"] = {"name": "plateau", "warmup_steps": 2, "min_lr_ratio": 0.1,
+                       "options": {"factor": 0.5, "patience": 0, "threshold": 0.01}}
+    result = gs.Trainer(tiny_llama(), data, cfg, loss_fn=CausalLMLoss(), eval_data=held_out).fit()
+    events = [json.loads(x) for x in (result.run_dir / "events.jsonl").open()]
+    reductions = [e for e in events if e["event"] == "lr_reduced"]
+    assert len(reductions) >= 3
+    lrs = [json.loads(x)["lr"] for x in (result.run_dir / "metrics.jsonl").open()
+           if "lr" in json.loads(x)]
+    assert lrs[-1] == pytest.approx(1e-10)  # halved down to the floor: 0.1 x peak
+    assert all(b <= a for a, b in zip(lrs[2:], lrs[3:], strict=False))

@@ -248,6 +248,10 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
                             f"valid options: {valid}",
                         )
                     )
+    if name in ("plateau", "Adaptive", "adaptive") and "eval_every" in train and \
+            train.get("eval_every") is None:
+        out.append(Problem("training.eval_every", "the plateau schedule reacts to evaluations; "
+                           "set training.eval_every (e.g. 50)"))
     source, paths = data.get("source"), data.get("paths")
     if source in ("text", "jsonl") and not paths:
         out.append(Problem("data.paths", f"data.source is {source!r} but no files are given"))

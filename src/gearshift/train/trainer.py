@@ -86,6 +86,7 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.should_stop = False
         self.step = 0
+        self._losses_since_eval: list[float] = []
         self.run_dir: Path | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -329,6 +330,7 @@ class Trainer:
                     if metrics is None:
                         continue
                     interval_losses.append(metrics["loss"])
+                    self._losses_since_eval.append(metrics["loss"])
                     metrics["epoch"] = self.stream.position.epoch
                     if self.step % t.log_every == 0 or self.step == self.total_steps:
                         now = time.perf_counter()
@@ -365,6 +367,13 @@ class Trainer:
 
     def _run_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
+        recent, self._losses_since_eval = self._losses_since_eval, []
+        if self.scheduler.plateau is not None:
+            # The plateau schedule watches the eval loss, or the train loss without eval data.
+            value = metrics.get("eval/loss", sum(recent) / len(recent) if recent else None)
+            if value is not None and self.scheduler.report(value):
+                self.logger.log_event(self.step, "lr_reduced", metric=value,
+                                      lr=self.optimizer.param_groups[0]["lr"])
         if metrics:
             self.logger.log_metrics(self.step, metrics)
             self.callbacks.fire("on_eval", self, metrics)
