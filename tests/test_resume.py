@@ -172,3 +172,14 @@ def test_cli_sigterm_checkpoints_and_says_how_to_resume(make_config, tmp_path: P
     assert state["step"] == step
     events = [json.loads(x)["event"] for x in (run / "events.jsonl").open()]
     assert events[-2:] == ["checkpoint", "interrupted"]
+
+
+def test_resume_auto_picks_the_newest_run_of_the_same_name(make_config) -> None:
+    cfg = make_config(training={"max_steps": 8}, checkpoint={"every": 2})
+    straight = gs.train(cfg)
+    run_dir = crash_at(cfg, 4)
+    resumed = gs.train({**cfg, "resume": "auto"})
+    assert resumed.run_dir == run_dir
+    assert_identical_runs(straight.run_dir, resumed.run_dir)
+    fresh = gs.train({**cfg, "name": "other", "resume": "auto"})  # nothing to resume: new run
+    assert fresh.run_dir.name.startswith("other-") and fresh.step == 8

@@ -290,3 +290,40 @@ def test_plateau_schedule_reduces_lr_on_stalled_eval_loss(tmp_path: Path) -> Non
            if "lr" in json.loads(x)]
     assert lrs[-1] == pytest.approx(1e-10)  # halved down to the floor: 0.1 x peak
     assert all(b <= a for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def test_schedule_per_epoch(tmp_path: Path) -> None:
+    # 32 samples / batch 8 = 4 steps an epoch; 4 epochs; warmup 1 epoch, then linear to 0.
+    cfg = base_cfg(tmp_path, batch_size=8, epochs=4)
+    cfg["schedule"] = {"name": "linear", "interval": "epoch", "warmup_epochs": 1,
+                       "min_lr_ratio": 0.0}
+    result = gs.Trainer(tiny_llama(), masked_lm_data(32), cfg, loss_fn=CausalLMLoss()).fit()
+    lrs = [json.loads(x)["lr"] for x in (result.run_dir / "metrics.jsonl").open()
+           if "lr" in json.loads(x)]
+    peak = cfg["optim"]["learning_rate"]
+    expected = [0.0] * 4 + [peak] * 4 + [peak * 2 / 3] * 4 + [peak / 3] * 4
+    assert lrs == pytest.approx(expected)
+
+
+def test_train_from_a_local_model_directory(tmp_path: Path, make_config) -> None:
+    from gearshift.data import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16,
+                                        intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2,
+                                        eos_token_id=tok.eos_token_id))
+    model_dir = tmp_path / "base"
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = make_config(training={"max_steps": 6})
+    cfg["model"] = {"path": str(model_dir)}
+    result = gs.train(cfg)
+    assert result.metrics["eval/loss"] < result.metrics["eval/loss_before"]
+    trained = LlamaForCausalLM.from_pretrained(result.run_dir / "final")
+    assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)
+
+    (model_dir / "config.json").unlink()
+    with pytest.raises(gs.ModelError, match=r"missing: config.json"):
+        gs.train(cfg)
