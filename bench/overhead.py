@@ -139,10 +139,6 @@ def token_ce_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
-def percent(share: float | None) -> str:
-    return "n/a" if share is None else f"{100 * share:.0f}%"
-
-
 def targets_in(input_ids: torch.Tensor) -> int:
     return input_ids.shape[0] * (input_ids.shape[1] - 1)
 
@@ -157,10 +153,10 @@ def build_model(job: Job) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def ordered_loader(job: Job, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+def ordered_loader(job: Job) -> DataLoader:
     """Micro-batches in gearshift's order, for the arms that take a DataLoader."""
     return DataLoader(Subset(job.train, job.order), batch_size=BATCH_SIZE, shuffle=False,
-                      num_workers=0, collate_fn=collate_fn)
+                      num_workers=0)
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -358,6 +354,10 @@ def check_schedules_agree(job: Job) -> None:
             raise SystemExit(f"schedules disagree at step {step}: {expected} vs {got}")
 
 
+def percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
 def machine_busy_s() -> float | None:
     """CPU seconds all processes have spent busy since boot (None off Linux)."""
     try:
@@ -431,7 +431,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, job: Job,
                 params: int) -> None:
     print(f"\n{job.steps} optimizer steps x {args.rounds} rounds; batch {BATCH_SIZE} x accumulation "
           f"{ACCUMULATE} x {SEQ_LEN} tokens; Llama {params / 1e6:.2f}M params; "
-          f"torch {torch.__version__}, {args.threads} threads")
+          f"torch {torch.__version__}, torch threads {args.threads}")
     print(f"steps/s = median over rounds of steps {job.skip + 1}..{job.steps} per second, from "
           f"per-step end stamps (set-up, first {job.skip} steps and teardown excluded)")
     print("ratio = median over rounds of (arm steps/s) / (plain steps/s) in the same round; "

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gearshift.config import build_layers, load_config, parse_set_overrides, resolve
+from gearshift.config import Config, build_layers, load_config, parse_set_overrides, resolve
 from gearshift.errors import ConfigError
 
 
@@ -34,7 +34,7 @@ def test_precedence_defaults_file_flags_set(tmp_path: Path) -> None:
     assert cfg.optim.learning_rate == 0.02     # the flag beats the file
     assert cfg.optim.weight_decay == 0.1       # the file beats the default
     assert cfg.training.batch_size == 4
-    assert cfg.training.epochs == 1            # untouched default
+    assert cfg.training.epochs == Config().training.epochs  # untouched default
     audit = resolved.audit
     assert audit["training.max_steps"] == {"value": 90, "default": None,
                                            "source": "--set training.max_steps=90"}

@@ -24,7 +24,7 @@ class ModelBuild(Section):
     architecture: Literal["llama"] = "llama"
     hidden_size: int = Field(128, ge=1, description="width of the residual stream")
     intermediate_size: int = Field(352, ge=1, description="width of the MLP")
-    num_hidden_layers: int = Field(2, ge=1, description="number of transformer blocks")
+    num_hidden_layers: int = Field(3, ge=1, description="number of transformer blocks")
     num_attention_heads: int = Field(4, ge=1, description="query heads per block")
     num_key_value_heads: int | None = Field(
         None, ge=1, description="key/value heads (grouped-query attention); default = heads"
@@ -59,7 +59,7 @@ class DataConfig(Section):
     paths: list[str] = Field(default_factory=list, description="files for text / jsonl")
     text_field: str = Field("text", description="JSONL field holding plain text")
     messages_field: str = Field("messages", description="JSONL field holding chat messages")
-    seq_len: int = Field(128, ge=2, description="tokens per packed training sequence")
+    seq_len: int = Field(256, ge=2, description="tokens per packed training sequence")
     eval_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="fraction of documents held out for evaluation"
     )
@@ -88,7 +88,9 @@ class ScheduleConfig(Section):
     name: str = Field("warmup_cosine", description="schedule name (or alias)")
     warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps")
     warmup_ratio: float | None = Field(
-        None, ge=0.0, lt=1.0, description="warmup as a fraction of total steps"
+        0.05, ge=0.0, lt=1.0,
+        description="warmup as a fraction of total steps (replaced by any other warmup form "
+        "given in a higher layer)",
     )
     warmup_epochs: int | None = Field(None, ge=0, description="warmup in epochs")
     warmup_start_factor: float = Field(0.0, ge=0.0, le=1.0)
@@ -117,8 +119,8 @@ class TrainingConfig(Section):
     max_steps: int | None = Field(
         None, ge=1, description="optimizer steps; when set, wins over epochs"
     )
-    epochs: int = Field(1, ge=1, description="passes over the training data")
-    batch_size: int = Field(16, ge=1, description="samples per micro-batch")
+    epochs: int = Field(2, ge=1, description="passes over the training data")
+    batch_size: int = Field(8, ge=1, description="samples per micro-batch")
     accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
     grad_clip: float | None = Field(1.0, ge=0, description="clip threshold; null or 0 = off")
     grad_clip_algorithm: Literal["norm", "value"] = "norm"

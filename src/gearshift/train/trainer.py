@@ -211,17 +211,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def _loss_and_units(self, batch: Any) -> tuple[torch.Tensor, int]:
+    def _summed_loss(self, batch: Any) -> torch.Tensor:
+        """The batch's loss summed over its units (see :meth:`_units`)."""
         fn = self.loss_fn
         if fn is not None and hasattr(fn, "units"):
-            return fn(self.model, batch), fn.units(batch)
-        n = setup.batch_size_of(batch)
+            return fn(self.model, batch)
         if fn is not None:
             loss = fn(self.model, batch)
         else:
             out = self.model(**batch) if isinstance(batch, Mapping) else self.model(batch)
             loss = setup.output_loss(out)
-        return loss * n, n
+        return loss * setup.batch_size_of(batch)
 
     def _units(self, batch: Any) -> int:
         fn = self.loss_fn
@@ -240,16 +240,17 @@ class Trainer:
         # averages gradients over ranks, hence the world-size factor.
         scale = acc.num_processes / max(total_units, 1)
         loss_sum = torch.zeros((), device=acc.device)
-        for i, batch in enumerate(window):
-            batch = setup.to_device(batch, acc.device)
+        for i, cpu_batch in enumerate(window):
+            # Counting happens on the host copy, so no device sync sits inside the step.
+            self.samples_seen += setup.batch_size_of(cpu_batch) * acc.num_processes
+            self.tokens_seen += setup.tokens_of(cpu_batch) * acc.num_processes
+            batch = setup.to_device(cpu_batch, acc.device)
             is_accumulating = i < len(window) - 1
             sync = acc.no_sync(model) if is_accumulating and acc.num_processes > 1 else nullcontext()
             with sync:
-                loss, _ = self._loss_and_units(batch)
+                loss = self._summed_loss(batch)
                 acc.backward(loss * scale)
             loss_sum += loss.detach().float()
-            self.samples_seen += setup.batch_size_of(batch) * acc.num_processes
-            self.tokens_seen += setup.tokens_of(batch) * acc.num_processes
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
         step_loss = float(loss_sum) / max(total_units, 1)
@@ -287,11 +288,9 @@ class Trainer:
         total = torch.zeros((), device=acc.device, dtype=torch.float64)
         units = 0
         for _ in range(stream.batches_per_epoch):
-            (batch,), _ = stream.next_window()
-            batch = setup.to_device(batch, acc.device)
-            loss, n = self._loss_and_units(batch)
-            total += loss.double()
-            units += n
+            (cpu_batch,), _ = stream.next_window()
+            units += self._units(cpu_batch)
+            total += self._summed_loss(setup.to_device(cpu_batch, acc.device)).double()
         self.model.train()
         if acc.num_processes > 1:
             total = acc.reduce(total, "sum")

@@ -1,0 +1,154 @@
+"""The two accepted ``phases:`` config schemas (pydantic v2, unknown keys forbidden).
+
+**gearshift's own schema** (:class:`PhasesConfig`), selected by a ``phases:`` list::
+
+    phases:
+      window: 200            # statistics window, optimizer steps
+      alpha: 16              # alpha of every phase / group that sets none
+      groups: {patterns: {attn: "self_attn"}}          # module-name regex -> LoRA group
+      experts: {patterns: {high_noise: "high_noise"}}  # module-name regex -> MoE expert
+      phases:
+        - name: foundation
+          alpha: {linear: 16, conv: 8}
+          exit: {relative_improvement_below: 0.001}
+        - {name: balance, alpha: 12, expert_alpha: {high_noise: 14}, lr_scale: 0.5}
+
+**LoRA-trainer schema** (:class:`LoraTrainerPhasesConfig`), selected by ``conv_alpha_phases``,
+``linear_alpha``, ``conv_alpha`` or ``per_expert``: the ``alpha_schedule`` block that existing LoRA
+trainers use, with their defaults. Keys they do not have (``max_steps``, ``lr_scale``,
+``require_r2``, ``max_cv``, ``window``, ``patience``, ``confidence``, ``use_rslora``, an expert's
+``pattern``) are accepted as gearshift extensions.
+
+Both schemas default ``enabled`` to True: a ``phases:`` section means phases are wanted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExitCriteria(_Strict):
+    """When a phase (gearshift schema) has done its job; see :mod:`gearshift.phases.rules`."""
+
+    relative_improvement_below: float = Field(
+        0.001, gt=0, allow_inf_nan=False,
+        description="plateau threshold: improvement per step as a fraction of the window's mean "
+        "loss (0.001 = the loss falls by less than 0.1%/step, i.e. <10% per 100 steps)")
+    min_gradient_stability: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="minimum mean gradient-sign agreement over the window; null = not checked "
+        "(checked only once stability values have been given)")
+    max_cv: float | None = Field(
+        0.5, gt=0, allow_inf_nan=False,
+        description="maximum coefficient of variation of the window's losses; null = no cap")
+    min_r2: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="R² of the window's linear fit to report against; null = not reported")
+    require_r2: bool = Field(False, description="make min_r2 blocking (otherwise advisory)")
+
+
+class PhaseConfig(_Strict):
+    """One phase of the gearshift schema."""
+
+    name: str = Field(min_length=1, description="unique phase name")
+    min_steps: int = Field(50, ge=0, description="optimizer steps before any transition")
+    max_steps: int | None = Field(
+        None, ge=1, description="steps after which the next phase starts regardless of the "
+        "criteria (reason 'max_steps'); null = never forced. Ignored on the last phase")
+    alpha: Any = Field(None, description="LoRA alpha: a number or {group: alpha}; null = the "
+                       "top-level alpha")
+    expert_alpha: dict[str, Any] = Field(
+        default_factory=dict, description="{expert: alpha or {group: alpha}} for MoE experts")
+    lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False,
+                            description="multiplier of the learning rate during this phase")
+    exit: ExitCriteria = Field(default_factory=ExitCriteria)
+
+
+class PatternSet(_Strict):
+    """Names matched by module-name regular expressions (``re.search``, first match wins)."""
+
+    patterns: dict[str, str] = Field(default_factory=dict)
+
+
+class _Common(_Strict):
+    enabled: bool = Field(True, description="false = no controller, the run behaves as without")
+    window: int = Field(200, ge=3, description="statistics window in optimizer steps (samples "
+                        "of the current phase only); noisier losses need longer windows")
+    patience: int = Field(10, ge=1, description="consecutive passing checks required before a "
+                          "plateau transition")
+    confidence: float = Field(0.95, gt=0.5, lt=1, allow_inf_nan=False,
+                              description="one-sided confidence of every statistical test")
+    use_rslora: bool = Field(False, description="scale = alpha/sqrt(rank) instead of alpha/rank")
+
+
+class PhasesConfig(_Common):
+    """gearshift's own phases schema (see the module docstring)."""
+
+    alpha: float = Field(16.0, ge=0, allow_inf_nan=False,
+                         description="alpha wherever a phase or group sets none")
+    groups: PatternSet = Field(default_factory=PatternSet,
+                               description="user-defined LoRA groups by module-name regex")
+    experts: PatternSet = Field(default_factory=PatternSet,
+                                description="mixture-of-experts experts by module-name regex")
+    phases: list[PhaseConfig] = Field(default_factory=list)
+
+
+class LoraExitCriteria(_Strict):
+    """``exit_criteria`` of a LoRA-trainer phase (their defaults)."""
+
+    loss_improvement_rate_below: float = Field(
+        0.001, gt=0, allow_inf_nan=False,
+        description="plateau threshold as an absolute loss change per step")
+    min_gradient_stability: float | None = Field(0.55, ge=0, le=1, allow_inf_nan=False)
+    min_loss_r2: float | None = Field(0.1, ge=0, le=1, allow_inf_nan=False,
+                                      description="advisory unless require_r2")
+    require_r2: bool = False
+    max_cv: float | None = Field(0.5, gt=0, allow_inf_nan=False)
+
+
+class LoraPhase(_Strict):
+    """One entry of ``conv_alpha_phases``."""
+
+    alpha: float = Field(ge=0, allow_inf_nan=False, description="conv LoRA alpha in this phase")
+    min_steps: int = Field(500, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
+    exit_criteria: LoraExitCriteria = Field(default_factory=LoraExitCriteria)
+
+
+class LoraExpertPhase(_Strict):
+    """One phase of one expert: only ``alpha`` is used (decisions are global)."""
+
+    alpha: float = Field(ge=0, allow_inf_nan=False)
+    min_steps: int | None = Field(None, ge=0, description="accepted, unused (global decisions)")
+    exit_criteria: dict[str, Any] | None = Field(None, description="accepted, unused")
+
+
+class LoraExpert(_Strict):
+    """``per_expert.<EXPERT>``."""
+
+    phases: dict[str, LoraExpertPhase] = Field(default_factory=dict)
+    pattern: str | None = Field(None, description="module-name regex; default: the expert's "
+                                "name anywhere in the module name, case-insensitive")
+
+
+class LoraTrainerPhasesConfig(_Common):
+    """The LoRA-trainer ``alpha_schedule`` schema (see the module docstring)."""
+
+    linear_alpha: float = Field(16.0, ge=0, allow_inf_nan=False,
+                                description="alpha of every linear LoRA layer, all phases")
+    conv_alpha: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                     description="accepted for compatibility; phases set conv")
+    conv_alpha_phases: dict[str, LoraPhase] = Field(default_factory=dict)
+    per_expert: dict[str, LoraExpert] = Field(default_factory=dict)
+
+
+LORA_KEYS: frozenset[str] = frozenset({"linear_alpha", "conv_alpha", "conv_alpha_phases",
+                                       "per_expert"})
+SchemaModel = PhasesConfig | LoraTrainerPhasesConfig
