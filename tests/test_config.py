@@ -150,3 +150,13 @@ def test_warmup_in_a_higher_layer_replaces_a_lower_one(tmp_path: Path) -> None:
     assert (cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio) == (7, None)
     with pytest.raises(ConfigError, match="two warmup forms"):
         load_config({"schedule": {"warmup_ratio": 0.1, "warmup_epochs": 1}})
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    if path.name == "default.yaml":
+        assert cfg == load_config(None)  # the embedded default, spelled out

@@ -21,7 +21,7 @@ class Section(BaseModel):
 class ModelBuild(Section):
     """Sizes of a Llama-architecture causal LM built from scratch (no files needed)."""
 
-    architecture: Literal["llama"] = "llama"
+    architecture: Literal["llama"] = Field("llama", description="model family built")
     hidden_size: int = Field(128, ge=1, description="width of the residual stream")
     intermediate_size: int = Field(352, ge=1, description="width of the MLP")
     num_hidden_layers: int = Field(3, ge=1, description="number of transformer blocks")
@@ -74,11 +74,11 @@ class DataConfig(Section):
 class OptimConfig(Section):
     """AdamW hyperparameters."""
 
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer: adamw or sgd")
     learning_rate: float = Field(3e-3, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (not on biases / norms)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     momentum: float = Field(0.0, ge=0, description="SGD only")
 
 
@@ -93,7 +93,9 @@ class ScheduleConfig(Section):
         "given in a higher layer)",
     )
     warmup_epochs: int | None = Field(None, ge=0, description="warmup in epochs")
-    warmup_start_factor: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_start_factor: float = Field(
+        0.0, ge=0.0, le=1.0, description="LR multiplier at step 0, rising linearly to 1"
+    )
     min_lr_ratio: float = Field(0.1, description="floor of the LR as a fraction of the peak")
     interval: Literal["step", "epoch"] = Field(
         "step", description="advance the schedule per optimizer step or per epoch"
@@ -123,9 +125,12 @@ class TrainingConfig(Section):
     batch_size: int = Field(8, ge=1, description="samples per micro-batch")
     accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
     grad_clip: float | None = Field(1.0, ge=0, description="clip threshold; null or 0 = off")
-    grad_clip_algorithm: Literal["norm", "value"] = "norm"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_checkpointing: bool = False
+    grad_clip_algorithm: Literal["norm", "value"] = Field(
+        "norm", description="clip the global norm, or each gradient element")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="compute precision through Accelerate (fp16 uses a loss scaler)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory")
     eval_every: int | None = Field(100, ge=1, description="evaluate every N steps (null = end)")
     log_every: int = Field(10, ge=1, description="write metrics every N steps")
     drop_last: bool = Field(False, description="drop a short last micro-batch of each epoch")
@@ -134,7 +139,7 @@ class TrainingConfig(Section):
 class CheckpointConfig(Section):
     """When to checkpoint and how many to keep."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="write checkpoints at all")
     every: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
     keep_last: int = Field(3, ge=1, description="checkpoints kept on disk (newest)")
 
@@ -142,17 +147,17 @@ class CheckpointConfig(Section):
 class LoggingConfig(Section):
     """Where metrics go."""
 
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "gearshift"
-    progress_bar: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard scalars to RUN_DIR/tensorboard")
+    wandb: bool = Field(False, description="also log to Weights & Biases (pip install 'gearshift[wandb]')")
+    wandb_project: str = Field("gearshift", description="W&B project name")
+    progress_bar: bool = Field(True, description="show a progress bar with loss, LR and throughput")
 
 
 class Config(Section):
     """The whole run configuration."""
 
     name: str = Field("default", min_length=1, description="run name (prefix of the run dir)")
-    seed: int = Field(1234, ge=0)
+    seed: int = Field(1234, ge=0, description="seeds weights, data order and every RNG")
     output_dir: str = Field("runs", description="parent of run directories")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -216,6 +216,7 @@ class PhaseScheduler:
         self._trend.clear()
         self._stability.clear()
         self._experts.clear()
+        self._evidence = Evidence()  # the deciding numbers are kept in the history entry
         self._outcome = f"transition ({reason}): {old.name} -> {new.name}"
 
     def _expert(self, name: str) -> _ExpertStats:
