@@ -686,3 +686,18 @@ def test_rng_restore_rejects_bad_state() -> None:
         restore_rng_state({**state, "version": 99})
     with pytest.raises(CheckpointError, match="malformed"):
         restore_rng_state({**state, "torch": {"cpu": "not base64!"}})
+
+
+def test_extra_tensors_round_trip_and_are_verified(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    signs = {"0": torch.tensor([1, -1, 0], dtype=torch.int8)}
+    path = manager.save(1, model=model, trainer_state={"step": 1},
+                        extra_tensors={"grad_signs": signs})
+    assert (path / "grad_signs.safetensors").is_file()
+    loaded = manager.load(path, model=model)
+    assert torch.equal(loaded.tensors["grad_signs"]["0"], signs["0"])
+    data = bytearray((path / "grad_signs.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (path / "grad_signs.safetensors").write_bytes(bytes(data))
+    assert any("grad_signs.safetensors" in p for p in verify_checkpoint(path))

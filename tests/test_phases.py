@@ -408,7 +408,9 @@ def test_step_must_be_an_increasing_integer() -> None:
     for bad in (5, 4, -1, True, 6.5, "7"):
         with pytest.raises(ValueError):
             sched.update(bad, 1.0)  # type: ignore[arg-type]
-    assert sched.total_steps == 1
+    with pytest.raises(ValueError):
+        sched.update(6, "not a number")  # type: ignore[arg-type]
+    assert sched.total_steps == 1 and sched.last_step == 5  # nothing was recorded
     sched.update(np.int64(9), 1.0)
     assert sched.last_step == 9
 
@@ -493,7 +495,6 @@ def test_per_expert_alpha_and_statistics() -> None:
     assert experts["low_noise"]["n"] == 5 and experts["low_noise"]["mean"] == 1.0
     assert experts["high_noise"]["stability"] == pytest.approx(0.6)
     assert sched.status()["statistics"]["n"] == 9  # global statistics get every step
-    sched.max_steps_guard = None
     sched2 = PhaseScheduler(cfg)
     feed(sched2, [1.0] * 10)
     assert sched2.get_alpha("high_noise.x") == 14 and sched2.get_alpha("low_noise.x") == 12
@@ -550,3 +551,156 @@ def test_lora_trainer_per_expert_extras_warn() -> None:
         "alpha": 9, "min_steps": 10, "exit_criteria": {"min_loss_r2": 0.1}}}}})
     with pytest.warns(UserWarning, match="per_expert.low_noise.phases.balance"):
         build_phase_scheduler(cfg)
+
+
+# --------------------------------------------------------------------------- state and resume
+
+RESUME_CFG = own([{"name": "foundation", "alpha": 8, "min_steps": 0},
+                  {"name": "balance", "alpha": 12, "min_steps": 0},
+                  {"name": "emphasis", "alpha": 16}], window=60, patience=5)
+
+
+def resume_losses(n: int = 1500) -> list[float]:
+    return curve("decay", n, 21, rate=150, cv=0.05)
+
+
+def drive(sched: PhaseScheduler, losses: list[float], start: int, stop: int) -> list[Any]:
+    """Updates with experts and stability; returns per-step (moved, phase, outcome)."""
+    out = []
+    for step in range(start, stop):
+        moved = sched.update(step, losses[step], gradient_stability=0.5 + 0.001 * (step % 7),
+                             expert="e0" if step % 3 else "e1")
+        out.append((moved, sched.phase_index, sched.status()["outcome"]))
+    return out
+
+
+def straight_run(losses: list[float], stop: int) -> tuple[PhaseScheduler, list[Any]]:
+    sched = PhaseScheduler(RESUME_CFG)
+    return sched, drive(sched, losses, 0, stop)
+
+
+def test_state_is_json_and_torch_safe() -> None:
+    sched = PhaseScheduler(RESUME_CFG)
+    feed(sched, [100.0 - t for t in range(20)])  # a perfect line: infinite t-statistic
+    assert decision(sched, "rising_trend")["value"] == "-inf"
+    state = sched.state_dict()
+    assert json.loads(json.dumps(state, allow_nan=False)) == state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded == state
+    other = PhaseScheduler(RESUME_CFG)
+    other.load_state_dict(loaded)
+    assert other.state_dict() == state and other.status() == sched.status()
+    assert state["version"] == 1
+
+
+def test_save_and_load_mid_phase_gives_identical_decisions() -> None:
+    losses = resume_losses()
+    ref, ref_trace = straight_run(losses, 1500)
+    assert len(ref.transition_history) == 2
+    first, trace = straight_run(losses, 170)
+    assert first.phase_index == 0 and first.steps_in_phase == 170
+    resumed = PhaseScheduler(RESUME_CFG)
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    assert resumed.status() == first.status()
+    trace += drive(resumed, losses, 170, 1500)
+    assert trace == ref_trace
+    assert resumed.state_dict() == ref.state_dict()
+
+
+def test_transition_on_the_checkpoint_step_resumes_in_the_new_phase() -> None:
+    losses = resume_losses()
+    ref, ref_trace = straight_run(losses, 1500)
+    step = ref.transition_history[0]["step"]
+    sched, trace = straight_run(losses, step + 1)
+    assert trace[-1][0] is True  # the checkpoint is taken on the step that made the transition
+    resumed = PhaseScheduler(RESUME_CFG)
+    resumed.load_state_dict(roundtrip(sched.state_dict()))
+    s = resumed.status()
+    assert (s["phase"], s["steps_in_phase"], s["statistics"]["n"]) == ("balance", 0, 0)
+    assert resumed.get_alpha("any.conv", is_conv=True) == 12
+    trace += drive(resumed, losses, step + 1, 1500)
+    assert trace == ref_trace and resumed.state_dict() == ref.state_dict()
+
+
+def test_crash_and_restart_from_an_older_state_carries_nothing() -> None:
+    losses = resume_losses()
+    ref, ref_trace = straight_run(losses, 1500)
+    sched, trace = straight_run(losses, 250)
+    old = sched.state_dict()
+    drive(sched, losses, 250, 1100)  # runs on, transitions, fills other experts ... then crashes
+    assert len(sched.transition_history) > len(old["transition_history"])
+    sched.load_state_dict(roundtrip(old))  # restart in place from the older checkpoint
+    assert sched.state_dict() == old
+    trace += drive(sched, losses, 250, 1500)
+    assert trace == ref_trace and sched.state_dict() == ref.state_dict()
+
+
+def test_many_rapid_restarts_accumulate_nothing() -> None:
+    losses = resume_losses(700)
+    ref, _ = straight_run(losses, 700)
+    state = PhaseScheduler(RESUME_CFG).state_dict()
+    sizes = []
+    for step in range(700):
+        sched = PhaseScheduler(RESUME_CFG)
+        sched.load_state_dict(roundtrip(state))
+        drive(sched, losses, step, step + 1)
+        state = sched.state_dict()
+        sizes.append(len(json.dumps(state)))
+    assert state == ref.state_dict()
+    assert max(sizes) < 4 * statistics.median(sizes)  # bounded by the window, not the run
+
+
+def test_older_state_without_some_keys_warns_and_uses_defaults() -> None:
+    sched = PhaseScheduler(RESUME_CFG)
+    drive(sched, resume_losses(), 0, 120)
+    state = roundtrip(sched.state_dict())
+    for key in ("version", "trend", "streak", "experts", "evidence", "ignored_losses"):
+        del state[key]
+    other = PhaseScheduler(RESUME_CFG)
+    with pytest.warns(UserWarning, match="lacks version, streak, ignored_losses, trend"):
+        other.load_state_dict(state)
+    assert (other.phase_index, other.total_steps) == (sched.phase_index, sched.total_steps)
+    s = other.status()
+    assert s["streak"] == 0 and s["experts"] == {}
+    assert other.state_dict()["trend"] == PhaseScheduler(RESUME_CFG).state_dict()["trend"]
+    other.update(120, 1.0)  # keeps working
+    blank = PhaseScheduler(RESUME_CFG)  # a checkpoint from before phases were enabled
+    with pytest.warns(UserWarning, match="lacks version"):
+        blank.load_state_dict({})
+    assert blank.state_dict() == PhaseScheduler(RESUME_CFG).state_dict()
+
+
+def test_mismatched_phase_names_are_a_clear_error() -> None:
+    sched = PhaseScheduler(RESUME_CFG)
+    state = sched.state_dict()
+    renamed = PhaseScheduler(own([{"name": "warmup"}, {"name": "balance"}]))
+    with pytest.raises(CheckpointError) as err:
+        renamed.load_state_dict(state)
+    msg = str(err.value)
+    assert "['foundation', 'balance', 'emphasis']" in msg and "['warmup', 'balance']" in msg
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("version", 99), ("phase_index", 7), ("steps_in_phase", -1), ("window", {"losses": ["x"]}),
+    ("transition_history", "nope"),
+])
+def test_bad_state_is_rejected_without_changing_anything(key: str, value: Any) -> None:
+    sched = PhaseScheduler(RESUME_CFG)
+    drive(sched, resume_losses(), 0, 50)
+    before = sched.state_dict()
+    state = {**before, key: value}
+    with pytest.raises(CheckpointError):
+        sched.load_state_dict(state)
+    assert sched.state_dict() == before
+
+
+def test_changed_window_on_resume_keeps_the_newest_samples() -> None:
+    sched = PhaseScheduler(own(window=50))
+    feed(sched, [float(i) for i in range(80)])
+    smaller = PhaseScheduler(own(window=20))
+    with pytest.warns(UserWarning, match="window changed to 20"):
+        smaller.load_state_dict(sched.state_dict())
+    assert [y for _, y in smaller._window.samples()] == [float(i) for i in range(60, 80)]

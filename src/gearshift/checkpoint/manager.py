@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim import Optimizer
 
@@ -68,12 +69,14 @@ class LoadedCheckpoint:
         step: The step recorded in its manifest.
         trainer_state: The ``trainer_state`` dict given to :meth:`CheckpointManager.save`.
         extra: The ``extra_json`` dicts given to save, by name.
+        tensors: The ``extra_tensors`` given to save, by name (e.g. gradient-sign buffers).
     """
 
     path: Path
     step: int
     trainer_state: dict[str, Any]
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -135,6 +138,7 @@ class CheckpointManager:
         optimizer: Optimizer | None = None,
         trainer_state: Mapping[str, Any],
         extra_json: Mapping[str, Mapping[str, Any]] | None = None,
+        extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Write the checkpoint for ``step`` atomically and point ``latest`` at it.
 
@@ -147,6 +151,7 @@ class CheckpointManager:
             optimizer: Its full state is stored when given.
             trainer_state: JSON-safe dict (step, epoch, data position, RNG, schedules, ...).
             extra_json: More JSON-safe dicts, each stored as ``<name>.json``.
+            extra_tensors: More tensor dicts, each stored as ``<name>.safetensors``.
 
         Returns:
             The checkpoint folder.
@@ -167,6 +172,13 @@ class CheckpointManager:
                     f"extra_json[{name!r}] must be a mapping, got {type(obj).__name__}"
                 )
             payloads[f"{name}.json"] = encode_json(dict(obj), f"extra_json[{name!r}]")
+        tensor_files: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensors in (extra_tensors or {}).items():
+            check_extra_name(name)
+            if name in ("model",):
+                raise ValueError("extra_tensors name 'model' is used by the checkpoint itself")
+            tensor_files[f"{name}.safetensors"] = {
+                k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
         self.directory.mkdir(parents=True, exist_ok=True)
         self._clean_stale()
@@ -175,7 +187,7 @@ class CheckpointManager:
             _ACTIVE.add(tmp.name)
         try:
             tmp.mkdir()
-            self._write_contents(tmp, step, model, optimizer, payloads)
+            self._write_contents(tmp, step, model, optimizer, payloads, tensor_files)
             self._commit(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -194,8 +206,11 @@ class CheckpointManager:
         model: nn.Module | Mapping[str, torch.Tensor],
         optimizer: Optimizer | None,
         payloads: Mapping[str, bytes],
+        tensor_files: Mapping[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         save_model_weights(model, tmp / MODEL_FILE)
+        for fname, tensors in (tensor_files or {}).items():
+            save_file(tensors, str(tmp / fname))
         if optimizer is not None:
             save_optimizer_state(optimizer.state_dict(), tmp)
         for name, data in payloads.items():
@@ -362,6 +377,13 @@ class CheckpointManager:
             for name in sorted(listed - _NOT_EXTRA)
             if name.endswith(".json")
         }
+        extra_tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for name in sorted(listed - {MODEL_FILE, OPTIMIZER_TENSORS_FILE}):
+            if name.endswith(".safetensors"):
+                try:
+                    extra_tensors[name[: -len(".safetensors")]] = load_file(str(path / name))
+                except Exception as exc:  # safetensors raises its own error types
+                    raise CheckpointError(f"checkpoint {path}: cannot read {name} ({exc})") from exc
         if model is not None:
             load_into_model(model, model_file)
         if optimizer is not None and optimizer_state is not None:
@@ -372,7 +394,8 @@ class CheckpointManager:
                     f"checkpoint {path}: optimizer state does not fit the optimizer ({exc})"
                 ) from exc
         return LoadedCheckpoint(
-            path=path, step=manifest["step"], trainer_state=trainer_state, extra=extra
+            path=path, step=manifest["step"], trainer_state=trainer_state, extra=extra,
+            tensors=extra_tensors,
         )
 
 

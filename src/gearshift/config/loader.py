@@ -252,6 +252,11 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
             train.get("eval_every") is None:
         out.append(Problem("training.eval_every", "the plateau schedule reacts to evaluations; "
                            "set training.eval_every (e.g. 50)"))
+    phases = raw.get("phases") if isinstance(raw, Mapping) else None
+    if isinstance(phases, Mapping):
+        from gearshift.phases import validate_phases_config
+
+        out.extend(validate_phases_config(phases))
     source, paths = data.get("source"), data.get("paths")
     if source in ("text", "jsonl") and not paths:
         out.append(Problem("data.paths", f"data.source is {source!r} but no files are given"))

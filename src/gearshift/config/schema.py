@@ -153,6 +153,23 @@ class LoggingConfig(Section):
     progress_bar: bool = Field(True, description="show a progress bar with loss, LR and throughput")
 
 
+class LoraConfig(Section):
+    """LoRA adapters through PEFT; their alphas can follow the phase controller."""
+
+    enabled: bool = Field(False, description="train LoRA adapters instead of the whole model")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="starting alpha (phases may change it)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"],
+        description="module names (or name suffixes) that get adapters")
+    groups: dict[str, str] | None = Field(
+        None, description="named groups by module-name regex, e.g. {attn: 'self_attn'}; "
+        "default: by layer type (linear, conv)")
+    use_rslora: bool = Field(False, description="rank-stabilized scale alpha / sqrt(r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+
+
 class Config(Section):
     """The whole run configuration."""
 
@@ -166,4 +183,8 @@ class Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    phases: dict[str, Any] | None = Field(
+        None, description="the phase controller (gearshift's schema or the LoRA-trainer "
+        "schema); see the README section 'Adaptive phases'")
     resume: str | None = Field(None, description="RUN_DIR or 'auto' to continue a run")

@@ -177,10 +177,14 @@ def explain_lines(s: dict[str, Any]) -> list[str]:
         f"phase {s['progress']} {s['phase']!r} (alpha {s['alpha']}, lr x{s['lr_scale']:g}): "
         f"{s['steps_in_phase']} steps in phase, {s['total_steps']} total"
         + (f", max {s['max_steps']}" if s["max_steps"] is not None else ""),
-        f"window {st['n']}/{st['window']} losses: mean {_fmt(st['mean'])}, "
-        f"slope {_fmt(st['slope'])}/step, improvement rate {_fmt(st['rate'])}/step "
-        f"(upper bound {_fmt(st['improvement_upper'])}), R² {_fmt(st['r2'])}, "
-        f"CV {_fmt(st['cv'])}, stability {_fmt(st['stability'])} ({st['stability_n']} values)",
+        f"window {st['n']}/{st['window']} losses: "
+        + (f"mean {_fmt(st['mean'])}, slope {_fmt(st['slope'])}/step, improvement rate "
+           f"{_fmt(st['rate'])}/step (upper bound {_fmt(st['improvement_upper'])}), "
+           f"R² {_fmt(st['r2'])}, CV {_fmt(st['cv'])}" if st["mean"] is not None
+           else "too few for a fit")
+        + f"; stability {_fmt(st['stability'])} ({st['stability_n']} values)",
+        *([] if s["last_decision_phase"] in (None, s["phase"])
+          else [f"checks that ended phase {s['last_decision_phase']!r}:"]),
         *render(s["last_decision"]),
         f"-> {s['outcome']}",
     ]

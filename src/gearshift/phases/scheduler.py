@@ -14,9 +14,8 @@ from typing import Any
 from gearshift.errors import ConfigError, Problem
 from gearshift.phases import rules
 from gearshift.phases.rules import FAIL, PASS, Check, Evidence
-from gearshift.phases.schema import LoraTrainerPhasesConfig, PhasesConfig
 from gearshift.phases.spec import ControllerSpec, Phase, build_spec
-from gearshift.phases.state import STATE_VERSION, decode_state
+from gearshift.phases.state import STATE_VERSION, decode_state, plain
 from gearshift.phases.stats import PhaseTrend, RollingFit, RollingMean, t_quantile
 from gearshift.phases.validate import parse_phases_config
 
@@ -43,9 +42,10 @@ class PhaseScheduler:
     a pure function of its arguments and the state, so every rank then decides identically.
 
     Args:
-        config: A validated :class:`~gearshift.phases.schema.PhasesConfig` or
+        config: A :class:`~gearshift.phases.schema.PhasesConfig` or
             :class:`~gearshift.phases.schema.LoraTrainerPhasesConfig`, a raw mapping of either
-            schema, or a :class:`~gearshift.phases.spec.ControllerSpec`. ``enabled`` is not
+            schema (validated, :class:`~gearshift.errors.ConfigError` listing every problem), or
+            a :class:`~gearshift.phases.spec.ControllerSpec`. ``enabled`` is not
             looked at here (see :func:`build_phase_scheduler`).
         rank: LoRA rank used by :meth:`get_scale` when it is called with ``rank=None``.
 
@@ -63,8 +63,7 @@ class PhaseScheduler:
         if isinstance(config, ControllerSpec):
             spec = config
         else:
-            model = config if isinstance(config, (PhasesConfig, LoraTrainerPhasesConfig)) \
-                else parse_phases_config(config)
+            model = parse_phases_config(config)
             if model is None:
                 raise ConfigError([Problem("phases", "no phases configured")])
             spec = build_spec(model)
@@ -91,6 +90,7 @@ class PhaseScheduler:
         self._checks: tuple[Check, ...] = ()
         self._evidence = Evidence()
         self._outcome = "no update yet"
+        self._decided_in: str | None = None
 
     # ----------------------------------------------------------------------- properties
 
@@ -131,31 +131,31 @@ class PhaseScheduler:
                 well as the global ones (decisions are global).
 
         Raises:
-            ValueError: ``step`` is not an integer ``>= 0`` or does not increase.
+            ValueError: ``step`` is not an integer ``>= 0`` or does not increase, or a value is
+                not convertible to float; nothing is recorded then.
         """
         step = _check_step(step, self.last_step)
+        # Convert first: a bad argument must raise before anything is counted.
+        value = None if loss is None else float(loss)
+        stab = None if gradient_stability is None else float(gradient_stability)
         self.last_step = step
         self.total_steps += 1
         self.steps_in_phase += 1
         per_expert = self._expert(expert) if expert is not None else None
         fresh = False
-        if loss is not None:
-            value = float(loss)
-            if math.isfinite(value):
-                self._window.add(step, value)
-                self._trend.add(step, value)
-                if per_expert is not None:
-                    per_expert.fit.add(step, value)
-                fresh = True
-            else:
-                self._ignored += 1
-                self._streak = 0
-        if gradient_stability is not None:
-            value = float(gradient_stability)
-            if math.isfinite(value):
-                self._stability.add(value)
-                if per_expert is not None:
-                    per_expert.stability.add(value)
+        if value is not None and math.isfinite(value):
+            self._window.add(step, value)
+            self._trend.add(step, value)
+            if per_expert is not None:
+                per_expert.fit.add(step, value)
+            fresh = True
+        elif value is not None:
+            self._ignored += 1
+            self._streak = 0
+        if stab is not None and math.isfinite(stab):
+            self._stability.add(stab)
+            if per_expert is not None:
+                per_expert.stability.add(stab)
         return self._decide(step, fresh)
 
     def _quantile(self, df: int) -> float:
@@ -186,6 +186,7 @@ class PhaseScheduler:
              PASS if self._streak >= spec.patience else FAIL, True),
         )
         self._evidence = ev
+        self._decided_in = phase.name
         if self.is_last_phase:
             self._outcome = "last phase: never left"
             return False
@@ -203,7 +204,7 @@ class PhaseScheduler:
         old, new = self.current_phase, self.spec.phases[self.phase_index + 1]
         self.transition_history.append({
             "step": step, "from_phase": old.name, "to_phase": new.name,
-            "from_alpha": _copy(old.display_alpha), "to_alpha": _copy(new.display_alpha),
+            "from_alpha": plain(old.display_alpha), "to_alpha": plain(new.display_alpha),
             "steps_in_phase": self.steps_in_phase, "reason": reason,
             "total_steps": self.total_steps, "from_lr_scale": old.lr_scale,
             "to_lr_scale": new.lr_scale, "statistics": self._evidence.as_dict(),
@@ -258,9 +259,11 @@ class PhaseScheduler:
         Keys: ``schema``, ``phase``, ``phase_index``, ``progress`` (``"k/N"``), ``phases``,
         ``steps_in_phase``, ``total_steps``, ``step``, ``alpha``, ``lr_scale``, ``min_steps``,
         ``max_steps``, ``patience`` / ``streak``, ``statistics`` (window size and the numbers of
-        :class:`~gearshift.phases.rules.Evidence`), ``last_decision`` (every criterion with value,
-        threshold, result and whether it is required), ``outcome``, ``experts`` (per-expert
-        window statistics), ``ignored_losses`` and ``transitions``.
+        :class:`~gearshift.phases.rules.Evidence` for the current phase's window),
+        ``last_decision`` (every criterion of the latest check with value, threshold, result and
+        whether it is required; right after a transition, the check that made it, with
+        ``last_decision_phase`` naming the phase it ended), ``outcome``, ``experts``
+        (per-expert window statistics), ``ignored_losses`` and ``transitions``.
         """
         phase = self.current_phase
         experts = {}
@@ -275,12 +278,12 @@ class PhaseScheduler:
             "progress": f"{self.phase_index + 1}/{len(self.spec.phases)}",
             "phases": self.spec.phase_names, "steps_in_phase": self.steps_in_phase,
             "total_steps": self.total_steps, "step": self.last_step,
-            "alpha": _copy(phase.display_alpha), "lr_scale": phase.lr_scale,
+            "alpha": plain(phase.display_alpha), "lr_scale": phase.lr_scale,
             "min_steps": phase.min_steps, "max_steps": phase.max_steps,
             "patience": self.spec.patience, "streak": self._streak,
             "statistics": {"window": self.spec.window, **self._evidence.as_dict()},
-            "last_decision": rules.as_dicts(self._checks), "outcome": self._outcome,
-            "experts": {k: {kk: rules.json_number(vv) for kk, vv in v.items()}
+            "last_decision": rules.as_dicts(self._checks), "last_decision_phase": self._decided_in,
+            "outcome": self._outcome, "experts": {k: {kk: rules.json_number(vv) for kk, vv in v.items()}
                         for k, v in experts.items()},
             "ignored_losses": self._ignored, "transitions": len(self.transition_history),
         }
@@ -303,13 +306,13 @@ class PhaseScheduler:
             "phase_names": self.spec.phase_names, "phase_index": self.phase_index,
             "steps_in_phase": self.steps_in_phase, "total_steps": self.total_steps,
             "last_step": self.last_step, "streak": self._streak, "ignored_losses": self._ignored,
-            "transition_history": _copy(self.transition_history),
+            "transition_history": plain(self.transition_history),
             "window": self._window.state(), "trend": self._trend.state(),
             "stability": self._stability.state(),
             "experts": {k: {"window": v.fit.state(), "stability": v.stability.state()}
                         for k, v in self._experts.items()},
             "last_decision": rules.as_dicts(self._checks), "evidence": self._evidence.as_dict(),
-            "outcome": self._outcome,
+            "outcome": self._outcome, "last_decision_phase": self._decided_in,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -339,6 +342,7 @@ class PhaseScheduler:
         self._checks = d["last_decision"]
         self._evidence = d["evidence"]
         self._outcome = d["outcome"]
+        self._decided_in = d["last_decision_phase"]
 
 
 def build_phase_scheduler(config: Any, *, rank: int | None = None) -> PhaseScheduler | None:
@@ -363,19 +367,10 @@ def build_phase_scheduler(config: Any, *, rank: int | None = None) -> PhaseSched
     """
     if config is None:
         return None
-    model = config if isinstance(config, (PhasesConfig, LoraTrainerPhasesConfig)) \
-        else parse_phases_config(config)
+    model = parse_phases_config(config)
     if model is None or not model.enabled:
         return None
     return PhaseScheduler(model, rank=rank)
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 def _check_step(step: Any, last: int | None) -> int:

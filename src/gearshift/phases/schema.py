@@ -19,7 +19,29 @@ trainers use, with their defaults. Keys they do not have (``max_steps``, ``lr_sc
 ``require_r2``, ``max_cv``, ``window``, ``patience``, ``confidence``, ``use_rslora``, an expert's
 ``pattern``) are accepted as gearshift extensions.
 
-Both schemas default ``enabled`` to True: a ``phases:`` section means phases are wanted.
+Defaults, gearshift schema (each is the ``Field`` default below):
+
+- ``enabled: true`` — a ``phases:`` section means phases are wanted (both schemas).
+- ``window: 200`` optimizer steps. The plateau test needs the window's slope estimate to be
+  precise to about the threshold: for a flat loss with coefficient of variation ``CV`` that is
+  ``W ≳ 1.3 · (12 · (q · CV / τ)²)^(1/3)`` (``q`` ≈ 1.65, ``τ`` the threshold), i.e. about 90
+  steps for CV 0.1 and 190 for CV 0.3 at ``τ = 0.001``. A window too short for its noise never
+  passes the plateau test (``max_steps`` is then the only way out).
+- ``patience: 10`` consecutive passing checks; ``confidence: 0.95`` (one-sided) for every test.
+- ``alpha: 16`` for phases and groups that set none; ``use_rslora: false``; no groups, no
+  experts.
+- per phase: ``min_steps: 50``, ``max_steps: null`` (never forced), ``alpha: null`` (the
+  top-level alpha), ``expert_alpha: {}``, ``lr_scale: 1.0``.
+- ``exit``: ``relative_improvement_below: 0.001`` (0.1% of the mean loss per step),
+  ``min_gradient_stability: null`` (not checked), ``max_cv: 0.5``, ``min_r2: null`` (not
+  reported), ``require_r2: false`` (R² advisory).
+
+LoRA-trainer schema defaults are theirs: ``linear_alpha: 16``, ``min_steps: 500``,
+``loss_improvement_rate_below: 0.001`` (absolute loss change per step),
+``min_gradient_stability: 0.55`` (checked only once stability values are given),
+``min_loss_r2: 0.1`` (advisory), window 200 — plus the gearshift defaults for the extensions.
+Per-expert ``min_steps`` / ``exit_criteria`` are accepted but unused, with a warning: one
+decision is made for the whole model, experts differ only in alpha.
 """
 
 from __future__ import annotations

@@ -50,12 +50,17 @@ class ExitSpec:
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase: its name, step limits, alphas, LR scale and exit criteria."""
+    """One phase: its name, step limits, alphas, LR scale and exit criteria.
+
+    ``alpha`` is a number (every module) or ``{group: alpha}``; ``display_alpha`` is what
+    transitions and :meth:`PhaseScheduler.status` report (for the LoRA-trainer schema the conv
+    alpha, as those trainers report it).
+    """
 
     name: str
     min_steps: int
     max_steps: int | None
-    alpha: AlphaSpec
+    alpha: float | dict[str, float]
     expert_alpha: dict[str, AlphaSpec]
     lr_scale: float
     exit: ExitSpec
@@ -137,6 +142,8 @@ def _from_own(cfg: PhasesConfig) -> ControllerSpec:
     phases = []
     for p in cfg.phases:
         alpha = _alpha_spec(p.alpha)
+        if alpha is None:  # resolved here so that Phase.alpha is always a number or a mapping
+            alpha = cfg.alpha
         e = p.exit
         phases.append(Phase(
             name=p.name, min_steps=p.min_steps, max_steps=p.max_steps, alpha=alpha,
@@ -145,7 +152,7 @@ def _from_own(cfg: PhasesConfig) -> ControllerSpec:
             exit=ExitSpec(threshold=e.relative_improvement_below, relative=True,
                           min_gradient_stability=e.min_gradient_stability, max_cv=e.max_cv,
                           min_r2=e.min_r2, require_r2=e.require_r2),
-            display_alpha=cfg.alpha if alpha is None else alpha))
+            display_alpha=alpha))
     return ControllerSpec(
         schema="gearshift", phases=tuple(phases), window=cfg.window, patience=cfg.patience,
         confidence=cfg.confidence, use_rslora=cfg.use_rslora, default_alpha=cfg.alpha,

@@ -4,7 +4,7 @@ Version 1 layout (every value JSON-safe; floats finite, ``inf`` written as ``"in
 
     version, schema, phase_names, phase_index, steps_in_phase, total_steps, last_step,
     streak, ignored_losses, transition_history, window, trend, stability, experts,
-    last_decision, evidence, outcome
+    last_decision, last_decision_phase, evidence, outcome
 
 Which side wins on resume: the config for thresholds, alphas and the window length (a changed
 window keeps the newest samples, with a warning); the checkpoint for every counter and buffer.
@@ -72,7 +72,7 @@ def decode_state(state: Any, defaults: dict[str, Any], spec: ControllerSpec) -> 
     history = s["transition_history"]
     if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
         raise CheckpointError("phase state transition_history must be a list of dicts")
-    out["transition_history"] = [_plain(h) for h in history]
+    out["transition_history"] = [plain(h) for h in history]
     window, resized = RollingFit.from_state(s["window"], spec.window, "window")
     if resized:
         warnings.warn(
@@ -97,6 +97,8 @@ def decode_state(state: Any, defaults: dict[str, Any], spec: ControllerSpec) -> 
     out["evidence"] = _evidence(s["evidence"])
     outcome = s["outcome"]
     out["outcome"] = outcome if isinstance(outcome, str) else str(outcome)
+    decided = s["last_decision_phase"]
+    out["last_decision_phase"] = decided if decided is None else str(decided)
     return out
 
 
@@ -106,11 +108,12 @@ def _count(value: Any, key: str) -> int:
     return value
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A deep copy of nested mappings / sequences as plain dicts and lists."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

@@ -27,7 +27,8 @@ def validate_phases_config(raw: Any) -> list[Problem]:
     """Return every problem of a raw ``phases:`` section (empty list when it is valid).
 
     Args:
-        raw: The mapping found under ``phases:`` (either schema), or ``None``.
+        raw: The mapping found under ``phases:`` (either schema), a model of either schema, or
+            ``None``.
 
     Returns:
         Problems whose paths start with ``phases.``; none for ``None`` or an empty mapping.
@@ -42,6 +43,9 @@ alpha, exit, expert_alpha, lr_scale, max_steps, min_steps, name"]
 
 def parse_phases_config(raw: Any) -> SchemaModel | None:
     """Validate ``raw`` and return the model of its schema (``None`` when ``raw`` is empty).
+
+    Args:
+        raw: A mapping of either schema, an already built model of either schema, or ``None``.
 
     Raises:
         ConfigError: Listing every problem found.
@@ -60,6 +64,8 @@ def schema_of(raw: Mapping[str, Any]) -> type[SchemaModel]:
 def _parse(raw: Any) -> tuple[SchemaModel | None, list[Problem]]:
     if raw is None:
         return None, []
+    if isinstance(raw, (PhasesConfig, LoraTrainerPhasesConfig)):
+        raw = raw.model_dump()  # a model built in code still gets the cross-field checks
     if not isinstance(raw, Mapping):
         return None, [Problem(PREFIX, f"must be a mapping (the phases section), got "
                                       f"{type(raw).__name__}")]

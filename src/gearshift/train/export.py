@@ -10,17 +10,23 @@ from safetensors.torch import save_model
 from torch import nn
 
 
-def export_final(model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:
+def export_final(model: nn.Module, directory: Path, tokenizer: Any = None, *,
+                 adapter: bool = False) -> Path:
     """Write the trained model to ``directory`` atomically (temp dir, then rename).
 
     A transformers model is saved with ``save_pretrained`` (safetensors); any other module as
-    ``model.safetensors``. The tokenizer, when given, is saved beside it.
+    ``model.safetensors``. With ``adapter`` (LoRA), a PEFT adapter directory whose config carries
+    the alphas in force. The tokenizer, when given, is saved beside it.
     """
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    if hasattr(model, "save_pretrained"):
+    if adapter:
+        from gearshift.lora import export_adapter
+
+        export_adapter(model, tmp)
+    elif hasattr(model, "save_pretrained"):
         from transformers.utils import logging as hf_logging
 
         was_enabled = hf_logging.is_progress_bar_enabled()

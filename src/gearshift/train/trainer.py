@@ -22,6 +22,7 @@ from gearshift.errors import CheckpointError
 from gearshift.schedules import build_lr_scheduler
 from gearshift.train import setup
 from gearshift.train.callbacks import Callback, CallbackList
+from gearshift.train.dynamics import SIGNS, PhaseDriver
 from gearshift.train.export import export_final
 from gearshift.train.interrupt import StopRequest, TrainingInterrupted
 from gearshift.train.logger import RunLogger
@@ -96,12 +97,20 @@ class Trainer:
         set_seed(cfg.seed)
         self.accelerator = acc = setup.make_accelerator(cfg.training.precision)
         self.is_main = acc.is_main_process
+        if cfg.lora.enabled:
+            from gearshift.lora import attach_lora
+
+            lc = cfg.lora
+            self.model = attach_lora(self.model, r=lc.r, alpha=lc.alpha,
+                                     target_modules=lc.target_modules, groups=lc.groups,
+                                     use_rslora=lc.use_rslora, dropout=lc.dropout)
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         optimizer = setup.build_optimizer(self.model, cfg)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.dynamics = PhaseDriver(cfg, self.raw_model, None, self._print)
         t = cfg.training
         self.stream = BatchStream(self.train_data, batch_size=t.batch_size,
                                   accumulate=t.accumulate_grad_batches, seed=cfg.seed,
@@ -132,6 +141,7 @@ class Trainer:
                                 enabled=self.is_main,
                                 purge_step=self.step + 1 if resumed else None,
                                 config=cfg.model_dump(mode="json"))
+        self.dynamics.logger = self.logger
         if resumed is not None:
             self.logger.truncate_after(self.step)
             self.logger.log_event(self.step, "resume", checkpoint=str(resumed[0]),
@@ -152,9 +162,11 @@ class Trainer:
                 f"no valid checkpoint in {ckpt_dir}" + (f" ({len(skipped)} corrupt)" if skipped
                                                          else "") +
                 "; start a new run instead of resuming")
-        loaded = manager.load(path, model=self.raw_model, optimizer=self.optimizer)
-        state = loaded.trainer_state
-        notes = self._load_state(state)
+        loaded = manager.load(path, model=self.raw_model, optimizer=self.optimizer,
+                              strict=not self.config.lora.enabled)
+        notes = self._load_state(loaded.trainer_state)
+        notes.extend(self.dynamics.load(loaded.trainer_state, loaded.tensors.get(SIGNS)))
+        self._apply_lr_scale()
         self._print(f"resumed from {path} at step {self.step}")
         for note in notes:
             self._print(f"  {note}")
@@ -179,6 +191,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "callbacks": self.callbacks.state_dict(),
             "initial_eval": self.initial_eval,
+            **self.dynamics.state()[0],
         }
 
     def _load_state(self, state: dict[str, Any]) -> list[str]:
@@ -264,6 +277,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.logger.log_event(self.step, "nonfinite_skip", loss=step_loss, grad_norm=grad_norm)
             return None
+        stability = self.dynamics.stability(acc)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,9 +285,20 @@ class Trainer:
             self.logger.log_event(self.step, "fp16_overflow_skip", loss=step_loss)
             return None
         self.step += 1
+        phase_metrics = self.dynamics.after_step(self.step, step_loss, stability)
         if self.config.schedule.interval == "step":
             self.scheduler.step()
-        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+        self._apply_lr_scale()
+        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **phase_metrics}
+
+    def _apply_lr_scale(self) -> None:
+        # The phase's LR scale multiplies the closed-form schedule; re-applied after every step
+        # because the scheduler recomputes the LR from its base each time.
+        scale = self.dynamics.lr_scale
+        if scale != 1.0:
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(),
+                                 strict=True):
+                group["lr"] = lr * scale
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -383,8 +408,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         path = None
         if self.is_main:
-            path = self.ckpt.save(self.step, model=self.raw_model, optimizer=self.optimizer,
-                                  trainer_state=self.state_dict())
+            signs = self.dynamics.state()[1]
+            weights: Any = self.raw_model
+            if self.config.lora.enabled:  # the adapter only: the base is rebuilt from its source
+                weights = {n: p for n, p in self.raw_model.named_parameters() if p.requires_grad}
+            path = self.ckpt.save(self.step, model=weights, optimizer=self.optimizer,
+                                  trainer_state=self.state_dict(),
+                                  extra_tensors={SIGNS: signs} if signs else None)
             self.logger.log_event(self.step, "checkpoint", path=str(path))
             self.callbacks.fire("on_checkpoint", self, path)
         self.accelerator.wait_for_everyone()
@@ -398,7 +428,8 @@ class Trainer:
             last_ckpt = self.save_checkpoint()
         final_dir = None
         if self.is_main:
-            final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer)
+            final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer,
+                                     adapter=self.config.lora.enabled)
         metrics: dict[str, float] = {}
         if self.initial_eval:
             metrics["eval/loss_before"] = self.initial_eval["eval/loss"]
