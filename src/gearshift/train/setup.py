@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,13 +20,16 @@ PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 def make_accelerator(precision: str) -> Accelerator:
     """An Accelerator for this precision; replaces one left by an earlier run in this process."""
+    # Without a GPU, a multi-process launch (torchrun / accelerate launch) must ask Accelerate
+    # for CPU explicitly, or every process silently trains alone on the same data.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return Accelerator(mixed_precision=PRECISION[precision])
+        return Accelerator(mixed_precision=PRECISION[precision], cpu=cpu)
     except ValueError:
         # Accelerate keeps one global state per process; a second run with another precision
         # (tests, notebooks, pipelines) has to reset it first.
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=PRECISION[precision])
+        return Accelerator(mixed_precision=PRECISION[precision], cpu=cpu)
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:

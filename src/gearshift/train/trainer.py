@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -125,7 +125,13 @@ class Trainer:
 
         if self._run_dir_arg is None and self.resume_from is not None:
             self._run_dir_arg = self.resume_from
-        self.run_dir = self._run_dir_arg or create_run_dir(cfg.output_dir, cfg.name)
+        self.run_dir = self._run_dir_arg
+        if self.run_dir is None:
+            # One run directory for all processes: the main process names it, the others follow.
+            name = [str(create_run_dir(cfg.output_dir, cfg.name)) if self.is_main else None]
+            if acc.num_processes > 1:
+                broadcast_object_list(name)
+            self.run_dir = Path(name[0])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             audit = self.audit if self.audit is not None else {}
@@ -264,6 +270,7 @@ class Trainer:
                 loss = self._summed_loss(batch)
                 acc.backward(loss * scale)
             loss_sum += loss.detach().float()
+        self._local = (loss_sum.clone(), local_units)  # read lazily: no extra sync per step
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
         step_loss = float(loss_sum) / max(total_units, 1)
@@ -290,6 +297,12 @@ class Trainer:
             self.scheduler.step()
         self._apply_lr_scale()
         return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **phase_metrics}
+
+    @property
+    def local_loss(self) -> float:
+        """This process's own loss of the last step (before the cross-rank reduction)."""
+        total, units = self._local
+        return float(total) / max(units, 1)
 
     def _apply_lr_scale(self) -> None:
         # The phase's LR scale multiplies the closed-form schedule; re-applied after every step
@@ -436,6 +449,7 @@ class Trainer:
         metrics.update(final_eval)
         self.logger.log_event(self.step, "end", **metrics)
         self.logger.close()
+        self.accelerator.wait_for_everyone()  # no rank leaves while another still exports
         result = RunResult(self.run_dir, self.step, metrics, last_ckpt, final_dir)
         self.callbacks.fire("on_train_end", self, result)
         return result
