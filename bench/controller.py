@@ -45,7 +45,14 @@ overhead shown for these small CPU batches is an upper bound for a real run with
 batches (or gradient accumulation) on the same hardware. Absolute times depend on the machine
 and its load: only the ratios are meant to be compared. "other load" is the share of the
 machine's CPU time during a row that went to other processes (``/proc/stat``, Linux only);
-above a few percent, rerun on a quiet machine.
+above a few percent, rerun on a quiet machine. The default is one torch thread: with as many
+threads as cores, one competing process can stall a step for seconds, while both the step and
+the tracker's element-wise passes scale with threads alike; use ``--threads`` on a quiet
+machine.
+
+The controller's cost in the table is what it costs right after a training step (cold caches,
+as in a real loop). A footnote adds its mean over a long run of back-to-back synthetic updates
+(warm caches, the window's periodic re-summing included): the pure cost of the statistics.
 
 Run ``python bench/controller.py --help`` for the options.
 """
@@ -336,8 +343,8 @@ def print_table(rows: list[Row], args: argparse.Namespace, amortized_us: float) 
               f"{100 * s['overhead']:>8.3f}% {s['bytes_per_element']:>7.2f} "
               f"{'yes' if s['meets_time'] else 'NO':>4} {'yes' if s['meets_memory'] else 'NO':>4} "
               f"{percent(s['other_load']):>5}")
-    print(f"\ncontroller over {args.controller_updates} synthetic updates (window full, rebases "
-          f"included): {amortized_us:.1f} µs per update on average")
+    print(f"\ncontroller alone, {args.controller_updates} back-to-back synthetic updates (window "
+          f"full, re-summing included, warm caches): {amortized_us:.1f} µs per update on average")
     print("params = all parameters; tracked = elements the tracker follows (trainable); "
           "B/elem = tracker sign-buffer bytes / tracked elements")
     print("overhead = median over steps of (tracker + controller) / step; load = CPU used by "
@@ -384,7 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "nothing)")
     parser.add_argument("--controller-updates", type=int, default=5000,
                         help="synthetic controller updates for the amortized cost")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (1 is robust on a shared machine)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)

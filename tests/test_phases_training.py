@@ -161,3 +161,17 @@ def test_bad_phases_config_reports_every_problem(make_config) -> None:
     paths = {p.path for p in info.value.problems}
     assert "phases.phases.0.min_step" in paths
     assert "phases.window" in paths
+
+
+def test_group_alphas_follow_lora_groups(make_config) -> None:
+    phases = {"window": 5, "phases": [
+        {"name": "foundation", "alpha": {"attn": 8, "mlp": 4}, "min_steps": 2, "max_steps": 4},
+        {"name": "emphasis", "alpha": {"attn": 32, "mlp": 16}}]}
+    lora = {**LORA, "groups": {"attn": "self_attn", "mlp": "mlp"}}
+    result = gs.train(make_config(training={"max_steps": 6}, lora=lora, phases=phases))
+    train = {m["step"]: m for m in lines(result.run_dir / "metrics.jsonl") if "loss" in m}
+    assert (train[2]["alpha/attn"], train[2]["alpha/mlp"]) == (8.0, 4.0)
+    assert (train[5]["alpha/attn"], train[5]["alpha/mlp"]) == (32.0, 16.0)
+    cfg = json.loads((result.run_dir / "final" / "adapter_config.json").read_text())
+    alphas = {**{k: cfg["lora_alpha"] for k in ("q_proj", "gate_proj")}, **cfg["alpha_pattern"]}
+    assert alphas["q_proj"] == 32 and alphas["gate_proj"] == 16

@@ -256,7 +256,8 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
     if isinstance(phases, Mapping):
         from gearshift.phases import validate_phases_config
 
-        out.extend(validate_phases_config(phases))
+        groups = _section(raw, "lora").get("groups")
+        out.extend(validate_phases_config(phases_with_lora_groups(phases, groups)))
     source, paths = data.get("source"), data.get("paths")
     if source in ("text", "jsonl") and not paths:
         out.append(Problem("data.paths", f"data.source is {source!r} but no files are given"))
@@ -278,6 +279,17 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
                     f"num_attention_heads ({heads}) must be divisible by num_key_value_heads ({kv})")
         )
     return out
+
+
+def phases_with_lora_groups(phases: Any, groups: Any) -> Any:
+    """The ``phases`` section with ``lora.groups`` as its group patterns, when it has none.
+
+    LoRA groups are declared once, under ``lora.groups``; the controller uses the same ones.
+    """
+    if (isinstance(phases, Mapping) and isinstance(groups, Mapping) and groups
+            and "phases" in phases and not phases.get("groups")):
+        return {**phases, "groups": {"patterns": dict(groups)}}
+    return phases
 
 
 def config_to_yaml(config: Config) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gearshift.config import Config
+from gearshift.config.loader import phases_with_lora_groups
 from gearshift.phases import PhaseScheduler, build_phase_scheduler
 from gearshift.signals import GradientSignTracker, reduce_signal
 from gearshift.train.logger import RunLogger
@@ -32,7 +33,8 @@ class PhaseDriver:
     def __init__(self, config: Config, model: nn.Module, logger: RunLogger | None,
                  say: Callable[[str], None]) -> None:
         rank = config.lora.r if config.lora.enabled else None
-        self.controller: PhaseScheduler | None = build_phase_scheduler(config.phases, rank=rank)
+        phases = phases_with_lora_groups(config.phases, config.lora.groups)
+        self.controller: PhaseScheduler | None = build_phase_scheduler(phases, rank=rank)
         self.model = model
         self.lora = config.lora.enabled
         self.logger = logger
