@@ -111,7 +111,7 @@ CONTROLLER_CONFIG: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A ``LlamaForCausalLM`` shape (untied embeddings, one KV head per query head)."""
+    """A ``LlamaForCausalLM`` shape (untied embeddings, as many KV heads as query heads)."""
 
     name: str
     hidden: int
@@ -330,7 +330,7 @@ def print_table(rows: list[Row], args: argparse.Namespace, amortized_us: float) 
           "every step, medians over the timed steps")
     print(f"targets: overhead = (tracker + controller) / step <= {100 * MAX_OVERHEAD:g}%, "
           f"tracker memory <= {MAX_BYTES_PER_ELEMENT:g} byte per tracked element\n")
-    head = (f"{'size':<5} {'setting':<7} {'params':>9} {'tracked':>9} {'steps':>5} "
+    head = (f"{'size':<5} {'setting':<7} {'params':>9} {'tracked':>9} {'tensors':>7} {'steps':>5} "
             f"{'step ms':>9} {'tracker µs':>11} {'ctrl µs':>8} {'overhead':>9} "
             f"{'B/elem':>7} {'≤1%':>4} {'≤1B':>4} {'load':>5}")
     print(head)
@@ -338,17 +338,20 @@ def print_table(rows: list[Row], args: argparse.Namespace, amortized_us: float) 
     for row in rows:
         s = row.summary()
         print(f"{s['size']:<5} {s['setting']:<7} {s['params'] / 1e6:>8.2f}M "
-              f"{_count(s['tracked']):>9} {s['steps']:>5} {s['step_ms']:>9.1f} "
+              f"{_count(s['tracked']):>9} {s['tensors']:>7} {s['steps']:>5} {s['step_ms']:>9.1f} "
               f"{s['tracker_us']:>11.0f} {s['controller_us']:>8.0f} "
               f"{100 * s['overhead']:>8.3f}% {s['bytes_per_element']:>7.2f} "
               f"{'yes' if s['meets_time'] else 'NO':>4} {'yes' if s['meets_memory'] else 'NO':>4} "
               f"{percent(s['other_load']):>5}")
     print(f"\ncontroller alone, {args.controller_updates} back-to-back synthetic updates (window "
           f"full, re-summing included, warm caches): {amortized_us:.1f} µs per update on average")
-    print("params = all parameters; tracked = elements the tracker follows (trainable); "
-          "B/elem = tracker sign-buffer bytes / tracked elements")
+    print("params = all parameters; tracked / tensors = elements / parameter tensors the "
+          "tracker follows (the trainable ones); B/elem = tracker sign-buffer bytes / tracked "
+          "elements")
     print("overhead = median over steps of (tracker + controller) / step; load = CPU used by "
           "other processes during the row")
+    print("the step time grows with the tokens per step (--batch x --seq-len), the tracker's and "
+          "controller's do not: larger batches lower the overhead in proportion")
     loads = [r.other_load for r in rows if r.other_load is not None]
     if loads and max(loads) > DISTURBED:
         print(f"warning: other processes used over {percent(DISTURBED)} of the CPU during some "

@@ -17,7 +17,14 @@ from gearshift.errors import (
     GearshiftError,
     ModelError,
 )
-from gearshift.train import Callback, RunResult, Trainer, TrainingInterrupted, train
+from gearshift.train import (
+    Callback,
+    RunResult,
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+    train,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +38,7 @@ __all__ = [
     "ModelError",
     "RunResult",
     "Trainer",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "__version__",
     "load_config",

@@ -6,6 +6,14 @@ and ``manifest.json`` (sha256 and size of every other file). ``latest`` is a rel
 the newest save.
 """
 
+from gearshift.checkpoint.convert import ConversionResult, convert_checkpoint, load_converted
+from gearshift.checkpoint.inspection import (
+    CheckpointReport,
+    TensorFileInfo,
+    TensorInfo,
+    format_report,
+    inspect_checkpoint,
+)
 from gearshift.checkpoint.layout import step_dir_name
 from gearshift.checkpoint.manager import CheckpointManager, LoadedCheckpoint, read_trainer_state
 from gearshift.checkpoint.manifest import verify_checkpoint
@@ -15,8 +23,16 @@ from gearshift.checkpoint.rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "CheckpointManager",
+    "CheckpointReport",
+    "ConversionResult",
     "LoadedCheckpoint",
+    "TensorFileInfo",
+    "TensorInfo",
     "capture_rng_state",
+    "convert_checkpoint",
+    "format_report",
+    "inspect_checkpoint",
+    "load_converted",
     "load_model_tensors",
     "load_optimizer_state",
     "read_trainer_state",

@@ -23,6 +23,11 @@ def dispatch(args: argparse.Namespace, flags: dict[str, tuple[str, object]]) -> 
             print(f"{args.config or 'embedded default'}: valid")
         return 0
     if args.command == "checkpoint":
+        if args.checkpoint_command == "inspect":
+            return cmd_checkpoint_inspect(Path(args.path), as_json=args.json)
+        if args.checkpoint_command == "convert":
+            return cmd_checkpoint_convert(Path(args.src), Path(args.dst), force=args.force,
+                                          allow_pickle=args.unsafe_allow_pickle)
         return cmd_checkpoint_verify(Path(args.path))
     raise UsageError(f"unknown command {args.command!r}")
 
@@ -96,3 +101,35 @@ def cmd_checkpoint_verify(path: Path) -> int:
         else:
             print(f"{target}: ok")
     return 1 if bad else 0
+
+
+def cmd_checkpoint_inspect(path: Path, *, as_json: bool = False) -> int:
+    """Print what a checkpoint holds (a table, or JSON with ``as_json``); exit code 0."""
+    import json
+
+    from gearshift.checkpoint import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(path)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    return 0
+
+
+def cmd_checkpoint_convert(src: Path, dst: Path, *, force: bool = False,
+                           allow_pickle: bool = False) -> int:
+    """Convert a legacy torch checkpoint to safetensors + JSON and summarize it; exit code 0."""
+    from gearshift.checkpoint import convert_checkpoint
+
+    result = convert_checkpoint(src, dst, force=force, allow_pickle=allow_pickle)
+    meta = result.metadata
+    print(f"converted {src} ({meta['source']['kind']}) -> {result.destination}")
+    print(f"  model.safetensors: {result.tensors} tensors, {result.elements:,} elements, "
+          f"{result.bytes / (1 << 20):.1f} MiB")
+    for alias, target in result.aliases.items():
+        print(f"  alias: {alias} -> {target} (tied; stored once)")
+    if meta.get("name_prefix"):
+        print(f"  every name starts with {meta['name_prefix']!r} (kept as stored)")
+    for item in result.dropped:
+        print(f"  dropped: {item['key']} ({item['what']}, {item['tensors']} tensors)")
+    kept = sorted(meta.get("metadata") or {})
+    print(f"  metadata.json: {', '.join(kept) if kept else 'source files and sha256 only'}")
+    return 0

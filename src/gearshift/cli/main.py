@@ -116,13 +116,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(csub.add_parser("validate", help="check a config; exit 2 listing "
                                                       "every problem"))
 
-    p = sub.add_parser("checkpoint", help="verify a checkpoint",
-                       description="Check a checkpoint directory against its manifest.")
+    _add_checkpoint_parser(sub)
+    return parser
+
+
+CONVERT_EPILOG = """\
+SRC is read only with torch.load(weights_only=True): tensors and plain containers, never code.
+A file that needs more is refused, naming what it asked for. Tied weights are stored once and
+their other names recorded under "aliases" in metadata.json; optimizer state is dropped and
+listed under "dropped".
+examples:
+  gearshift checkpoint convert old/pytorch_model.bin converted/
+  gearshift checkpoint convert old/pytorch_model.bin.index.json converted/   # sharded
+  gearshift checkpoint convert lightning_logs/version_0/checkpoints/last.ckpt converted/
+"""
+
+
+def _add_checkpoint_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("checkpoint", help="inspect, verify or convert checkpoints",
+                       description="Inspect a checkpoint, check it against its manifest, or "
+                                   "convert a legacy torch checkpoint to safetensors.")
     ksub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    k = ksub.add_parser("inspect", help="step, phase, schedule and data position, tensors "
+                                        "with shapes, dtypes and sizes, manifest status",
+                        description="Describe a checkpoint without loading it: step, phase, "
+                        "schedule position, data position, every tensor file (names, shapes, "
+                        "dtypes and sizes from the safetensors header) and whether the "
+                        "manifest verifies. Exit 0 (also for a corrupt checkpoint, which is "
+                        "reported as CORRUPT); 2 when PATH is not a checkpoint.")
+    k.add_argument("path", metavar="PATH",
+                   help="a step-XXXXXXXX folder, a checkpoints/latest link, a run directory "
+                        "(its latest checkpoint) or a .safetensors file")
+    k.add_argument("--json", action="store_true", help="print the report as JSON")
     k = ksub.add_parser("verify", help="exit 0 when every sha256 matches, else 1 naming each "
                                        "bad or missing file")
     k.add_argument("path", metavar="PATH", help="a step-XXXXXXXX directory or a run directory")
-    return parser
+    k = ksub.add_parser("convert", help="convert a legacy torch checkpoint (.pt/.pth/.bin/"
+                                        ".ckpt, sharded .bin index) to safetensors + JSON",
+                        description="Convert SRC into DST/model.safetensors plus "
+                        "DST/metadata.json (non-tensor metadata, source file names and sha256, "
+                        "tied-weight aliases, what was dropped).",
+                        epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("src", metavar="SRC", help="a .pt/.pth/.bin/.ckpt file, a "
+                   "pytorch_model.bin.index.json, or a folder holding one of them")
+    k.add_argument("dst", metavar="DST", help="output folder (created; written atomically)")
+    k.add_argument("--force", action="store_true",
+                   help="replace a model.safetensors / metadata.json already in DST")
+    k.add_argument("--unsafe-allow-pickle", action="store_true",
+                   help="load files that need arbitrary unpickling with weights_only=False. "
+                        "This EXECUTES CODE FROM THE FILE: only for files you made yourself")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -170,6 +170,34 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
 
 
+class RecoveryConfig(Section):
+    """What the loop does when a step runs out of memory or goes non-finite."""
+
+    oom: bool = Field(True, description="on out-of-memory, re-run the batch in halved "
+                      "micro-batches instead of failing")
+    max_consecutive_nonfinite: int = Field(
+        3, ge=1, description="non-finite steps in a row before rolling back to the last "
+        "good checkpoint")
+    rollback_lr_factor: float = Field(
+        0.5, gt=0, le=1, description="LR multiplier applied at each rollback")
+    max_rollbacks: int = Field(
+        2, ge=0, description="rollbacks allowed before the run stops with a clear message")
+    max_consecutive_oom_skips: int = Field(
+        10, ge=1, description="steps in a row skipped because one sample does not fit in "
+        "memory before the run stops")
+
+
+class FaultsConfig(Section):
+    """Fault injection for tests and drills (off by default)."""
+
+    oom_when_batch_above: int | None = Field(
+        None, ge=0, description="raise a real torch.OutOfMemoryError when a forward pass gets "
+        "more than N samples (0: every forward pass)")
+    nan_at_steps: list[int] = Field(
+        default_factory=list, description="make the loss of these optimizer steps NaN: each entry "
+        "spoils one attempt, so repeat a step to make it fail several times in a row")
+
+
 class Config(Section):
     """The whole run configuration."""
 
@@ -183,6 +211,8 @@ class Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     phases: dict[str, Any] | None = Field(
         None, description="the phase controller (gearshift's schema or the LoRA-trainer "

@@ -2,7 +2,7 @@
 
 from gearshift.train.api import train
 from gearshift.train.callbacks import Callback
-from gearshift.train.interrupt import TrainingInterrupted
+from gearshift.train.interrupt import TrainingDiverged, TrainingInterrupted
 from gearshift.train.trainer import RunResult, Trainer
 
-__all__ = ["Callback", "RunResult", "Trainer", "TrainingInterrupted", "train"]
+__all__ = ["Callback", "RunResult", "Trainer", "TrainingDiverged", "TrainingInterrupted", "train"]

@@ -8,6 +8,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+from gearshift.errors import GearshiftError
+
 
 class TrainingInterrupted(Exception):
     """Raised after a graceful stop; ``exit_code`` is 128 + the signal number."""
@@ -16,6 +18,12 @@ class TrainingInterrupted(Exception):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class TrainingDiverged(GearshiftError):
+    """Non-finite steps persisted after every allowed rollback (exit code 3)."""
+
+    exit_code = 3
 
 
 class StopRequest:

@@ -13,11 +13,17 @@ run continues on the *config's* closed form from the checkpoint's step, and says
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch.optim import Optimizer
 
+from gearshift.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from gearshift.errors import CheckpointError
 from gearshift.schedules import GearshiftLR, ScheduleStateError
+from gearshift.train.dynamics import SIGNS
+
+STATE_VERSION = 1
 
 
 def restore_schedule(scheduler: GearshiftLR, state: dict[str, Any],
@@ -38,3 +44,86 @@ def restore_schedule(scheduler: GearshiftLR, state: dict[str, Any],
             note += "; plateau counters start fresh"
     scheduler._apply_lr()
     return [note]
+
+
+class ResumeMixin:
+    """The trainer's resumable state: what a checkpoint holds besides weights and optimizer."""
+
+    def _maybe_resume(self) -> tuple[Path, list[str], list[str]] | None:
+        ckpt_dir = self.resume_from / "checkpoints"
+        manager = CheckpointManager(ckpt_dir, keep_last=self.config.checkpoint.keep_last)
+        path, skipped = manager.find_latest_valid()
+        skipped_text = [f"{p.name}: {why}" for p, why in skipped]
+        for line in skipped_text:
+            self._print(f"skipping corrupt checkpoint {line}")
+        if path is None:
+            raise CheckpointError(
+                f"no valid checkpoint in {ckpt_dir}" + (f" ({len(skipped)} corrupt)" if skipped
+                                                         else "") +
+                "; start a new run instead of resuming")
+        loaded = manager.load(path, model=self.raw_model, optimizer=self.optimizer,
+                              strict=not self.config.lora.enabled)
+        notes = self._load_state(loaded.trainer_state)
+        notes.extend(self.dynamics.load(loaded.trainer_state, loaded.tensors.get(SIGNS)))
+        self._apply_lr_scale()
+        self._print(f"resumed from {path} at step {self.step}")
+        for note in notes:
+            self._print(f"  {note}")
+        return path, skipped_text, notes
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides weights and optimizer needed to continue exactly (JSON-safe)."""
+        scaler = self.accelerator.scaler
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "seed": self.config.seed,
+            "position": self.stream.position.state_dict(),
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "schedule": self.scheduler.state_dict(),
+            "schedule_interval": self.config.schedule.interval,
+            "rng": capture_rng_state(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "callbacks": self.callbacks.state_dict(),
+            "initial_eval": self.initial_eval,
+            "micro_limit": self.micro_limit,
+            "lr_factor": self.lr_factor,
+            "rollbacks": self.rollbacks,
+            **self.dynamics.state()[0],
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> list[str]:
+        """Restore from a checkpoint's trainer state; returns notes on what won where."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"trainer state version {state.get('version')} is not "
+                                  f"supported (expected {STATE_VERSION})")
+        notes = ["from the checkpoint: weights, optimizer, step, data position, RNG, schedule "
+                 "position; from the config: run length, cadences, logging"]
+        self.step = int(state["step"])
+        self.stream.position.load_state_dict(state["position"])
+        if state["seed"] != self.config.seed:
+            notes.append(f"seed {state['seed']} from the checkpoint wins over {self.config.seed} "
+                         "in the config (data order must not change mid-run)")
+            self.stream.seed = int(state["seed"])
+        if state.get("total_steps") != self.total_steps:
+            notes.append(f"run length {self.total_steps} steps from the config "
+                         f"(the checkpoint's run planned {state.get('total_steps')})")
+        notes.extend(restore_schedule(self.scheduler, state["schedule"], self.optimizer))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.initial_eval = state.get("initial_eval")
+        self.micro_limit = state.get("micro_limit")
+        self.lr_factor = float(state.get("lr_factor", 1.0))
+        self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))
+        if state.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        missing = self.callbacks.load_state_dict(state.get("callbacks", {}))
+        if missing:
+            notes.append(f"no saved state for callbacks {missing}: they start fresh")
+        restore_rng_state(state["rng"])
+        return notes
+

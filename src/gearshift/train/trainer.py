@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,9 +17,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from gearshift.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from gearshift.checkpoint import CheckpointManager
 from gearshift.config import Config, load_config
-from gearshift.errors import CheckpointError
 from gearshift.schedules import build_lr_scheduler
 from gearshift.train import setup
 from gearshift.train.callbacks import Callback, CallbackList
@@ -27,11 +27,10 @@ from gearshift.train.export import export_final
 from gearshift.train.interrupt import StopRequest, TrainingInterrupted
 from gearshift.train.logger import RunLogger
 from gearshift.train.memory import enable_gradient_checkpointing
-from gearshift.train.resume import restore_schedule
+from gearshift.train.recovery import RecoveryMixin, install_oom_fault, is_oom, split_batch
+from gearshift.train.resume import ResumeMixin
 from gearshift.train.rundir import create_run_dir, write_run_config
 from gearshift.train.stream import BatchStream
-
-STATE_VERSION = 1
 
 
 @dataclass
@@ -46,7 +45,7 @@ class RunResult:
     interrupted: bool = False
 
 
-class Trainer:
+class Trainer(ResumeMixin, RecoveryMixin):
     """Trains any ``nn.Module`` with managed schedules, checkpoints and exact resume.
 
     Args:
@@ -88,6 +87,11 @@ class Trainer:
         self.should_stop = False
         self.step = 0
         self._losses_since_eval: list[float] = []
+        self.micro_limit: int | None = None  # set after an OOM: samples per forward pass
+        self.consecutive_nonfinite = 0
+        self.oom_skips = 0
+        self.rollbacks = 0
+        self.lr_factor = 1.0
         self.run_dir: Path | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -111,6 +115,9 @@ class Trainer:
         self.raw_model = acc.unwrap_model(self.model)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.dynamics = PhaseDriver(cfg, self.raw_model, None, self._print)
+        self._nan_pending = Counter(cfg.faults.nan_at_steps)
+        if cfg.faults.oom_when_batch_above is not None:
+            install_oom_fault(self.raw_model, cfg.faults.oom_when_batch_above)
         t = cfg.training
         self.stream = BatchStream(self.train_data, batch_size=t.batch_size,
                                   accumulate=t.accumulate_grad_batches, seed=cfg.seed,
@@ -156,78 +163,6 @@ class Trainer:
             self.logger.log_event(0, "start", total_steps=self.total_steps,
                                   steps_per_epoch=self.stream.steps_per_epoch)
 
-    def _maybe_resume(self) -> tuple[Path, list[str], list[str]] | None:
-        ckpt_dir = self.resume_from / "checkpoints"
-        manager = CheckpointManager(ckpt_dir, keep_last=self.config.checkpoint.keep_last)
-        path, skipped = manager.find_latest_valid()
-        skipped_text = [f"{p.name}: {why}" for p, why in skipped]
-        for line in skipped_text:
-            self._print(f"skipping corrupt checkpoint {line}")
-        if path is None:
-            raise CheckpointError(
-                f"no valid checkpoint in {ckpt_dir}" + (f" ({len(skipped)} corrupt)" if skipped
-                                                         else "") +
-                "; start a new run instead of resuming")
-        loaded = manager.load(path, model=self.raw_model, optimizer=self.optimizer,
-                              strict=not self.config.lora.enabled)
-        notes = self._load_state(loaded.trainer_state)
-        notes.extend(self.dynamics.load(loaded.trainer_state, loaded.tensors.get(SIGNS)))
-        self._apply_lr_scale()
-        self._print(f"resumed from {path} at step {self.step}")
-        for note in notes:
-            self._print(f"  {note}")
-        return path, skipped_text, notes
-
-    # ------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything besides weights and optimizer needed to continue exactly (JSON-safe)."""
-        scaler = self.accelerator.scaler
-        return {
-            "version": STATE_VERSION,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "seed": self.config.seed,
-            "position": self.stream.position.state_dict(),
-            "samples_seen": self.samples_seen,
-            "tokens_seen": self.tokens_seen,
-            "schedule": self.scheduler.state_dict(),
-            "schedule_interval": self.config.schedule.interval,
-            "rng": capture_rng_state(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "callbacks": self.callbacks.state_dict(),
-            "initial_eval": self.initial_eval,
-            **self.dynamics.state()[0],
-        }
-
-    def _load_state(self, state: dict[str, Any]) -> list[str]:
-        """Restore from a checkpoint's trainer state; returns notes on what won where."""
-        if state.get("version") != STATE_VERSION:
-            raise CheckpointError(f"trainer state version {state.get('version')} is not "
-                                  f"supported (expected {STATE_VERSION})")
-        notes = ["from the checkpoint: weights, optimizer, step, data position, RNG, schedule "
-                 "position; from the config: run length, cadences, logging"]
-        self.step = int(state["step"])
-        self.stream.position.load_state_dict(state["position"])
-        if state["seed"] != self.config.seed:
-            notes.append(f"seed {state['seed']} from the checkpoint wins over {self.config.seed} "
-                         "in the config (data order must not change mid-run)")
-            self.stream.seed = int(state["seed"])
-        if state.get("total_steps") != self.total_steps:
-            notes.append(f"run length {self.total_steps} steps from the config "
-                         f"(the checkpoint's run planned {state.get('total_steps')})")
-        notes.extend(restore_schedule(self.scheduler, state["schedule"], self.optimizer))
-        self.samples_seen = int(state.get("samples_seen", 0))
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.initial_eval = state.get("initial_eval")
-        if state.get("scaler") and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        missing = self.callbacks.load_state_dict(state.get("callbacks", {}))
-        if missing:
-            notes.append(f"no saved state for callbacks {missing}: they start fresh")
-        restore_rng_state(state["rng"])
-        return notes
-
     # ------------------------------------------------------------------ steps
 
     def _summed_loss(self, batch: Any) -> torch.Tensor:
@@ -249,7 +184,7 @@ class Trainer:
 
     def train_step(self, window: list[Any]) -> dict[str, float] | None:
         """One optimizer step over an accumulation window. None when the step was skipped."""
-        acc, model = self.accelerator, self.model
+        acc = self.accelerator
         local_units = sum(self._units(b) for b in window)
         total_units = local_units
         if acc.num_processes > 1:
@@ -258,18 +193,21 @@ class Trainer:
         # ranks), so accumulation equals one big batch, short last windows included. DDP
         # averages gradients over ranks, hence the world-size factor.
         scale = acc.num_processes / max(total_units, 1)
-        loss_sum = torch.zeros((), device=acc.device)
-        for i, cpu_batch in enumerate(window):
-            # Counting happens on the host copy, so no device sync sits inside the step.
+        for cpu_batch in window:  # counted once per window, however often it is re-run
             self.samples_seen += setup.batch_size_of(cpu_batch) * acc.num_processes
             self.tokens_seen += setup.tokens_of(cpu_batch) * acc.num_processes
-            batch = setup.to_device(cpu_batch, acc.device)
-            is_accumulating = i < len(window) - 1
-            sync = acc.no_sync(model) if is_accumulating and acc.num_processes > 1 else nullcontext()
-            with sync:
-                loss = self._summed_loss(batch)
-                acc.backward(loss * scale)
-            loss_sum += loss.detach().float()
+        inject_nan = self._nan_pending[self.step + 1] > 0
+        if inject_nan:
+            self._nan_pending[self.step + 1] -= 1
+        while True:
+            try:
+                loss_sum = self._backward_window(window, scale, inject_nan)
+                break
+            except Exception as exc:
+                if not (self.config.recovery.oom and is_oom(exc)):
+                    raise
+                if not self._shrink_after_oom(window, exc):
+                    return None
         self._local = (loss_sum.clone(), local_units)  # read lazily: no extra sync per step
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
@@ -281,9 +219,16 @@ class Trainer:
         if t.grad_clip_algorithm == "value" and clip > 0:
             torch.nn.utils.clip_grad_value_(self.params, clip)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            # Skipped: no update, and neither the schedule nor the phase statistics count it.
             self.optimizer.zero_grad(set_to_none=True)
-            self.logger.log_event(self.step, "nonfinite_skip", loss=step_loss, grad_norm=grad_norm)
+            self.consecutive_nonfinite += 1
+            self.logger.log_event(self.step, "nonfinite_skip", loss=step_loss, grad_norm=grad_norm,
+                                  consecutive=self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= self.config.recovery.max_consecutive_nonfinite:
+                self._rollback()
             return None
+        self.consecutive_nonfinite = 0
+        self.oom_skips = 0
         stability = self.dynamics.stability(acc)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -297,6 +242,24 @@ class Trainer:
             self.scheduler.step()
         self._apply_lr_scale()
         return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **phase_metrics}
+
+    def _backward_window(self, window: list[Any], scale: float, inject_nan: bool,
+                         ) -> torch.Tensor:
+        acc, model = self.accelerator, self.model
+        pieces = window if self.micro_limit is None else [
+            piece for batch in window for piece in split_batch(batch, self.micro_limit)]
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, cpu_batch in enumerate(pieces):
+            batch = setup.to_device(cpu_batch, acc.device)
+            is_accumulating = i < len(pieces) - 1
+            sync = acc.no_sync(model) if is_accumulating and acc.num_processes > 1 else nullcontext()
+            with sync:
+                loss = self._summed_loss(batch)
+                if inject_nan and i == 0:
+                    loss = loss * float("nan")
+                acc.backward(loss * scale)
+            loss_sum += loss.detach().float()
+        return loss_sum
 
     @property
     def local_loss(self) -> float:
@@ -328,7 +291,19 @@ class Trainer:
         for _ in range(stream.batches_per_epoch):
             (cpu_batch,), _ = stream.next_window()
             units += self._units(cpu_batch)
-            total += self._summed_loss(setup.to_device(cpu_batch, acc.device)).double()
+            while True:
+                try:
+                    pieces = [cpu_batch] if self.micro_limit is None else \
+                        split_batch(cpu_batch, self.micro_limit)
+                    part = sum(self._summed_loss(setup.to_device(p, acc.device)).double()
+                               for p in pieces)
+                    break
+                except Exception as exc:
+                    if not (self.config.recovery.oom and is_oom(exc)):
+                        raise
+                    if not self._shrink_after_oom([cpu_batch], exc):
+                        raise
+            total += part
         self.model.train()
         if acc.num_processes > 1:
             total = acc.reduce(total, "sum")
