@@ -327,3 +327,19 @@ def test_train_from_a_local_model_directory(tmp_path: Path, make_config) -> None
     (model_dir / "config.json").unlink()
     with pytest.raises(gs.ModelError, match=r"missing: config.json"):
         gs.train(cfg)
+
+
+def test_model_directory_with_missing_shards_lists_them(tmp_path: Path) -> None:
+    from gearshift.config import ModelConfig
+    from gearshift.tasks import build_causal_lm
+
+    model_dir = tmp_path / "sharded"
+    tiny_llama().save_pretrained(model_dir, max_shard_size="20KB")
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    (model_dir / shards[0]).unlink()
+    with pytest.raises(gs.ModelError) as info:
+        build_causal_lm(ModelConfig(path=str(model_dir)), vocab_size=64)
+    assert f"shard {shards[0]}" in str(info.value)
+    assert shards[1] not in str(info.value)

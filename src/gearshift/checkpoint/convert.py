@@ -205,7 +205,16 @@ def _torch_load(file: Path, allow_pickle: bool, unsafe: list[str]) -> Any:
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise CheckpointError(f"{file}: not a readable torch file ({exc})") from exc
-        reason = _refusal_reason(str(exc))
+        wanted = _GLOBAL_RE.search(str(exc))
+        detail = _unpickler_detail(str(exc))
+        if wanted is None and not allow_pickle:
+            raise CheckpointError(
+                f"{file}: not a readable torch file: torch.load(weights_only=True) failed "
+                f"({detail}). It is corrupt, truncated or not a torch file, or it uses pickle "
+                "features beyond plain data; only if you made it yourself and trust it, retry "
+                "with --unsafe-allow-pickle") from exc
+        reason = (f"it asks for the global {wanted.group(1)}, which is not a tensor or plain "
+                  "container type" if wanted else detail)
     except Exception as exc:  # zip, pickle and storage errors all mean the same to the user
         raise CheckpointError(f"{file}: not a readable torch file ({type(exc).__name__}: "
                               f"{exc}); is it truncated or in another format?") from exc
@@ -230,13 +239,10 @@ def _torch_load(file: Path, allow_pickle: bool, unsafe: list[str]) -> Any:
                               f"({type(exc).__name__}: {exc})") from exc
 
 
-def _refusal_reason(message: str) -> str:
-    match = _GLOBAL_RE.search(message)
-    if match:
-        return f"it asks for the global {match.group(1)}, which is not a tensor or container type"
-    detail = next((line.strip() for line in message.splitlines()
-                   if "WeightsUnpickler error" in line), "")
-    return detail.replace("WeightsUnpickler error: ", "") or "it uses pickle features beyond data"
+def _unpickler_detail(message: str) -> str:
+    # torch wraps the real reason in advice about weights_only; keep only the reason.
+    detail = message.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+    return " ".join(detail.split()) or "weights_only unpickler error"
 
 
 def _read_sharded(index: Path, allow_pickle: bool,

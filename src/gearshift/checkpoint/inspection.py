@@ -387,7 +387,8 @@ def format_report(report: CheckpointReport) -> str:
         if info.error is not None:
             lines.append(f"{info.name}  ({_size(info.file_bytes)}): UNREADABLE, {info.error}")
             continue
-        lines.append(f"{info.name}  ({_size(info.file_bytes)}, {len(info.tensors)} tensors, "
+        n = len(info.tensors)
+        lines.append(f"{info.name}  ({_size(info.file_bytes)}, {n} tensor{'s' if n != 1 else ''}, "
                      f"{info.elements:,} elements)")
         rows = [(t.name, t.dtype, "[" + ", ".join(map(str, t.shape)) + "]", _size(t.bytes))
                 for t in info.tensors]
@@ -399,6 +400,7 @@ def format_report(report: CheckpointReport) -> str:
     totals = report.to_dict()["totals"]
     lines.append("")
     lines.append(f"total: {totals['files']} file{'s' if totals['files'] != 1 else ''}, "
-                 f"{totals['tensors']} tensors, {totals['elements']:,} elements, "
+                 f"{totals['tensors']} tensor{'s' if totals['tensors'] != 1 else ''}, "
+                 f"{totals['elements']:,} elements, "
                  f"{_size(totals['tensor_bytes'])}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,15 @@ def _load_local(path: Path) -> PreTrainedModel:
                           "pytorch_model.bin.index.json")]
     if not weights:
         missing.append("weights (model.safetensors or a sharded index)")
+    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, AttributeError, TypeError):
+                raise ModelError(f"{index} is not a valid shard index (expected a JSON object "
+                                 "with a 'weight_map')") from None
+            missing.extend(f"shard {s} (listed in {index.name})" for s in sorted(shards)
+                           if not (path / s).is_file())
     if missing:
         raise ModelError(f"model directory {path} is missing: {', '.join(missing)}")
     try:
