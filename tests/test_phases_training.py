@@ -175,3 +175,20 @@ def test_group_alphas_follow_lora_groups(make_config) -> None:
     cfg = json.loads((result.run_dir / "final" / "adapter_config.json").read_text())
     alphas = {**{k: cfg["lora_alpha"] for k in ("q_proj", "gate_proj")}, **cfg["alpha_pattern"]}
     assert alphas["q_proj"] == 32 and alphas["gate_proj"] == 16
+
+
+def test_a_step_lost_to_nan_or_oom_is_not_counted_by_the_controller(make_config) -> None:
+    holder: dict = {}
+
+    class Keep(gs.Callback):
+        def on_train_start(self, trainer: gs.Trainer) -> None:
+            holder["trainer"] = trainer
+
+    cfg = make_config(training={"max_steps": 12, "batch_size": 8}, lora=LORA, phases=PHASES,
+                      faults={"nan_at_steps": [5], "oom_when_batch_above": 4})
+    gs.train(cfg, callbacks=[Keep()])
+    controller = holder["trainer"].dynamics.controller
+    assert controller.total_steps == 12  # 12 optimizer steps; the NaN attempt is not one
+    assert controller.last_step == 12
+    events = [e["event"] for e in lines(holder["trainer"].run_dir / "events.jsonl")]
+    assert events.count("nonfinite_skip") == 1 and events.count("oom_recovery") == 1
