@@ -56,7 +56,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path: Path) -> None:
     # checkpoint (hundreds of KB, several fsyncs) is complete.
     assert summary["kills_mid_checkpoint_write"] >= 1, trial["kills"]
     assert summary["resumes"] + summary["restarts"] == 3
-    assert summary["resume_events_checked"] >= 3  # every resume loaded the expected checkpoint
+    # every resume was checked: it loaded the newest checkpoint that verified after the kill
+    assert summary["resume_events_checked"] >= summary["resumes"]
     assert summary["wrong_resume"] == 0, trial["wrong_resume"]
     assert summary["corrupt_loaded"] == 0, trial["corrupt_loaded"]
     assert trial["leftovers_at_end"] == []  # the last save cleaned what the kills left

@@ -317,12 +317,13 @@ def _split(obj: Any, label: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     metadata: dict[str, Any] = {}
     dropped: list[dict[str, Any]] = []
     for k, v in rest.items():
-        big = [t for t in _tensors_in(v) if t.numel() > 1]
-        if k in OPTIMIZER_KEYS or big:
+        found = list(_tensors_in(v))
+        # Scalar tensors (a loss, a best score) are kept as numbers; anything larger is data.
+        if k in OPTIMIZER_KEYS or any(t.numel() > 1 for t in found):
             what = ("optimizer state" if k in OPTIMIZER_KEYS or "optim" in str(k)
                     else "tensors outside the model state dict")
-            dropped.append({"key": str(k), "what": what, "tensors": len(big),
-                            "elements": sum(t.numel() for t in big)})
+            dropped.append({"key": str(k), "what": what, "tensors": len(found),
+                            "elements": sum(t.numel() for t in found)})
         else:
             metadata[str(k)] = _jsonable(v)
     return state, {"kind": kind, "state_dict_key": key, "metadata": metadata,

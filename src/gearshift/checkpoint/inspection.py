@@ -337,7 +337,8 @@ def _schedule_position(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _size(n: int | None) -> str:
+def human_size(n: int | None) -> str:
+    """Format a byte count as ``"12 B"``, ``"3.4 KiB"``, ``"1.2 GiB"`` (``"?"`` for None)."""
     if n is None:
         return "?"
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -385,12 +386,13 @@ def format_report(report: CheckpointReport) -> str:
     for info in report.files:
         lines.append("")
         if info.error is not None:
-            lines.append(f"{info.name}  ({_size(info.file_bytes)}): UNREADABLE, {info.error}")
+            lines.append(f"{info.name}  ({human_size(info.file_bytes)}): UNREADABLE, "
+                         f"{info.error}")
             continue
         n = len(info.tensors)
-        lines.append(f"{info.name}  ({_size(info.file_bytes)}, {n} tensor{'s' if n != 1 else ''}, "
-                     f"{info.elements:,} elements)")
-        rows = [(t.name, t.dtype, "[" + ", ".join(map(str, t.shape)) + "]", _size(t.bytes))
+        lines.append(f"{info.name}  ({human_size(info.file_bytes)}, "
+                     f"{n} tensor{'s' if n != 1 else ''}, {info.elements:,} elements)")
+        rows = [(t.name, t.dtype, "[" + ", ".join(map(str, t.shape)) + "]", human_size(t.bytes))
                 for t in info.tensors]
         widths = [max([len(h), *(len(r[i]) for r in rows)])
                   for i, h in enumerate(("name", "dtype", "shape", "size"))]
@@ -402,5 +404,5 @@ def format_report(report: CheckpointReport) -> str:
     lines.append(f"total: {totals['files']} file{'s' if totals['files'] != 1 else ''}, "
                  f"{totals['tensors']} tensor{'s' if totals['tensors'] != 1 else ''}, "
                  f"{totals['elements']:,} elements, "
-                 f"{_size(totals['tensor_bytes'])}")
+                 f"{human_size(totals['tensor_bytes'])}")
     return "\n".join(lines)

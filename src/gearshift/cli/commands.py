@@ -118,12 +118,13 @@ def cmd_checkpoint_convert(src: Path, dst: Path, *, force: bool = False,
                            allow_pickle: bool = False) -> int:
     """Convert a legacy torch checkpoint to safetensors + JSON and summarize it; exit code 0."""
     from gearshift.checkpoint import convert_checkpoint
+    from gearshift.checkpoint.inspection import human_size
 
     result = convert_checkpoint(src, dst, force=force, allow_pickle=allow_pickle)
     meta = result.metadata
     print(f"converted {src} ({meta['source']['kind']}) -> {result.destination}")
     print(f"  model.safetensors: {result.tensors} tensors, {result.elements:,} elements, "
-          f"{result.bytes / (1 << 20):.1f} MiB")
+          f"{human_size(result.bytes)}")
     for alias, target in result.aliases.items():
         print(f"  alias: {alias} -> {target} (tied; stored once)")
     if meta.get("name_prefix"):

@@ -154,7 +154,7 @@ def _add_checkpoint_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     k = ksub.add_parser("convert", help="convert a legacy torch checkpoint (.pt/.pth/.bin/"
                                         ".ckpt, sharded .bin index) to safetensors + JSON",
                         description="Convert SRC into DST/model.safetensors plus "
-                        "DST/metadata.json (non-tensor metadata, source file names and sha256, "
+                        "DST/metadata.json (non-tensor metadata,\nsource file names and sha256, "
                         "tied-weight aliases, what was dropped).",
                         epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("src", metavar="SRC", help="a .pt/.pth/.bin/.ckpt file, a "

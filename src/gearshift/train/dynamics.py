@@ -79,14 +79,12 @@ class PhaseDriver:
         if self.controller.update(step, loss=loss, gradient_stability=stability):
             record = self.controller.transition_history[-1]
             self.apply()
-            last = self.controller.status().get("last_decision")
             if self.logger is not None:
                 self.logger.log_event(step, "phase_transition", **{
-                    k: v for k, v in record.items() if k != "step"}, alphas=self.alphas,
-                    decision=last)
+                    k: v for k, v in record.items() if k != "step"}, alphas=self.alphas)
             self.say(f"phase {record['from_phase']} -> {record['to_phase']} at step {step} "
-                     f"after {record['steps_in_phase']} steps ({record['reason']}); "
-                     f"alpha {record['from_alpha']} -> {record['to_alpha']}")
+                     f"after {record['steps_in_phase']} steps ({_why(record)}); "
+                     f"alpha {_fmt(record['from_alpha'])} -> {_fmt(record['to_alpha'])}")
         metrics: dict[str, Any] = {"phase": self.controller.current_phase.name,
                                    "phase/index": self.controller.phase_index}
         if stability is not None:
@@ -125,3 +123,22 @@ class PhaseDriver:
                          f"{self.controller.steps_in_phase} steps in")
         self.apply()
         return notes
+
+
+_DECIDING = {"improvement_rate": "<", "rising_rate": "<", "cv": "<=", "r2": ">=",
+             "gradient_stability": ">="}
+
+
+def _why(record: dict[str, Any]) -> str:
+    """The numbers that decided a transition, in one short clause."""
+    parts = [f"{c['criterion']} {c['value']:.3g} {_DECIDING[c['criterion']]} {c['threshold']:.3g}"
+             for c in record.get("criteria") or []
+             if c.get("criterion") in _DECIDING and c.get("result") == "pass"
+             and isinstance(c.get("value"), int | float) and c.get("threshold") is not None]
+    return f"{record['reason']}: {', '.join(parts)}" if parts else str(record["reason"])
+
+
+def _fmt(alpha: Any) -> str:
+    if isinstance(alpha, dict):
+        return "{" + ", ".join(f"{k}: {v:g}" for k, v in alpha.items()) + "}"
+    return f"{alpha:g}" if isinstance(alpha, int | float) else str(alpha)
