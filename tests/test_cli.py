@@ -156,3 +156,12 @@ def test_checkpoint_verify(capsys: pytest.CaptureFixture[str], make_config) -> N
     assert code == 1
     assert "step-00000002: CORRUPT" in out and "optimizer.json" in out
     assert "step-00000004: ok" in out
+
+
+def test_resume_with_an_empty_run_config_is_refused(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("", encoding="utf-8")
+    code, _, err = call(capsys, "resume", str(run))
+    assert code == 2 and "config.yaml is empty" in err

@@ -51,7 +51,12 @@ def cmd_resume(run_dir: Path, sets: list[str]) -> int:
                          "`gearshift train` (e.g. runs/default-20260101-120000)")
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} has no config.yaml; is it a gearshift run directory?")
-    layers = build_layers(read_config_file(run_dir / "config.yaml"), None)
+    saved = read_config_file(run_dir / "config.yaml")
+    if not saved:
+        raise CheckpointError(f"{run_dir / 'config.yaml'} is empty; restore it (it is the run's "
+                              "resolved config) or resume with `gearshift train CONFIG --resume "
+                              f"{run_dir}`")
+    layers = build_layers(saved, None)
     if sets:
         layers.append(parse_set_overrides(sets))
     resolved = resolve(layers)

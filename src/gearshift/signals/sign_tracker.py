@@ -7,16 +7,62 @@ this fraction ("gradient stability") as one of its exit criteria.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 from gearshift.errors import CheckpointError
 
 __all__ = ["GradientSignTracker"]
 
 _STATE_VERSION = 1
+_INT32_SAFE = 2**31 - 1  # a count of at most this many elements fits an int32 sum
+_NONES = itertools.repeat(None)
+_SHAPE = operator.attrgetter("shape")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' elements in one 1-D tensor (a view for a single contiguous tensor).
+
+    One call instead of a ``reshape`` per tensor and a ``cat`` (``_flatten_dense_tensors`` is
+    what DDP's bucketing uses); mixed dtypes promote as in ``torch.cat``.
+    """
+    return _flatten_dense_tensors(tensors)
+
+
+def _count_equal(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """How many elements of ``new`` equal ``old``, as a tensor on their device (no host read)."""
+    same = torch.eq(new, old)
+    if same.numel() <= _INT32_SAFE:
+        return same.sum(dtype=torch.int32)  # about twice as fast as count_nonzero on CPU
+    return torch.count_nonzero(same)
+
+
+class _Pack:
+    """The signs of several small parameters on one device, held in one flat ``int8`` buffer.
+
+    ``views[k]`` — a view of ``flat`` shaped like parameter ``members[k]`` — is the very tensor
+    the tracker stores as that parameter's signs, so the per-parameter state and the flat buffer
+    are the same memory. One update of a pack is a handful of operations on the flat buffer
+    instead of a handful per parameter.
+    """
+
+    __slots__ = ("device", "flat", "members", "numels", "pieces", "shapes", "total", "views")
+
+    def __init__(self, device: torch.device, members: list[int], signs: list[torch.Tensor]):
+        self.device = device
+        self.members = members
+        self.shapes = [s.shape for s in signs]
+        self.numels = [s.numel() for s in signs]
+        self.total = sum(self.numels)
+        self.flat = torch.cat([s.reshape(-1) for s in signs])  # a fresh buffer, even for one
+        self.pieces = list(torch.split(self.flat, self.numels))  # 1-D views, in member order
+        self.views = [p.view(shape) for p, shape in zip(self.pieces, self.shapes, strict=True)]
 
 
 class GradientSignTracker:
@@ -34,10 +80,17 @@ class GradientSignTracker:
     skipped and keep their old signs. When nothing could be compared (the first update, or no
     gradients at all) :meth:`update` returns ``None``.
 
-    Cost: one ``int8`` sign buffer per tracked parameter, allocated lazily on the parameter's
-    device the first time it has a gradient (1 byte per element, :attr:`bytes_per_element`), and
+    Cost: one ``int8`` sign per tracked element, allocated lazily on the parameter's device the
+    first time the parameter has a gradient (1 byte per element, :attr:`bytes_per_element`), and
     exactly one device-to-host transfer per call that compares anything (the count is accumulated
-    on the device and read once).
+    on the device and read once). Small parameters (up to :attr:`small_numel` elements, such as
+    LoRA adapters and norms) have their signs packed, per device, into flat buffers of at most
+    :attr:`pack_numel` elements: their gradients are gathered with one concatenation and
+    compared in one pass, so an update costs a few operations per buffer rather than per
+    tensor. Each such parameter's signs are still its own tensor — a view of the flat buffer — so
+    the state and its format are the same. A step that changes which small parameters are known
+    (a first gradient, a parameter moved to another device) is handled one tensor at a time and
+    then repacked.
 
     Args:
         parameters: The parameters to track: tensors (keyed ``"0"``, ``"1"``, … by position), or
@@ -54,6 +107,11 @@ class GradientSignTracker:
         >>> tracker.update()
         0.75
     """
+
+    #: Parameters with at most this many elements are packed into flat buffers.
+    small_numel: int = 1 << 16
+    #: Elements per flat buffer, at most (bounds the temporary copies of one pass).
+    pack_numel: int = 1 << 18
 
     def __init__(self, parameters: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):
         keys: list[str] = []
@@ -75,6 +133,7 @@ class GradientSignTracker:
         self._keys = keys
         self._params = params
         self._signs: list[torch.Tensor | None] = [None] * len(params)
+        self._unpack()
         self.num_updates = 0  # calls to update()
         self.num_measured = 0  # calls that returned a value
         self.last_value: float | None = None
@@ -87,9 +146,8 @@ class GradientSignTracker:
     @property
     def bytes_per_element(self) -> float:
         """Extra memory held per tracked element: the sign buffers' bytes over tracked elements."""
-        held = sum(s.numel() * s.element_size() for s in self._signs if s is not None)
         tracked = sum(p.numel() for p in self._params)
-        return held / tracked if tracked else 0.0
+        return self.memory_bytes / tracked if tracked else 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -105,27 +163,55 @@ class GradientSignTracker:
             a previous sign to compare with.
         """
         self.num_updates += 1
+        signs = self._signs
+        grads = [p.grad for p in self._params]
         agree: dict[torch.device, torch.Tensor] = {}
         compared = 0
-        for i, param in enumerate(self._params):
-            grad = param.grad
-            if grad is None:
+        padding = 0  # elements counted as agreeing that stand for absent gradients
+        loose = [(i, grads[i]) for i in self._loose if grads[i] is not None]
+        broken: list[_Pack] = []
+        for pack in self._packs:
+            got = [grads[i] for i in pack.members]
+            if not any(map(operator.is_not, got, _NONES)):
+                continue  # no member has a gradient this step
+            gathered = self._gather(pack, got)
+            if gathered is None:
+                broken.append(pack)
+                loose.extend((i, g) for i, g in zip(pack.members, got, strict=True) if g is not None)
                 continue
+            flat, absent = gathered
+            new = torch.sign(flat).to(torch.int8)
+            count = _count_equal(new, pack.flat)
+            pack.flat.copy_(new)
+            self._add(agree, pack.device, count)
+            compared += pack.total - absent
+            padding += absent
+
+        fresh: list[int] = []  # small parameters to (re)pack after this step
+        small = self.small_numel
+        for i, grad in loose:
             if grad.is_sparse:
                 grad = grad.to_dense()
+            elif grad.numel() <= small:
+                fresh.append(i)
             new = torch.sign(grad).to(torch.int8)
-            old = self._signs[i]
+            old = signs[i]
             if old is not None and old.shape == new.shape:
                 if old.device != new.device:  # the model moved; a one-off copy
                     old = old.to(new.device)
-                count = torch.count_nonzero(torch.eq(new, old))
-                if new.device in agree:
-                    agree[new.device] += count
-                else:
-                    agree[new.device] = count
+                self._add(agree, new.device, _count_equal(new, old))
                 compared += new.numel()
             # Keep the fresh buffer rather than copying into the old one: same memory, one pass less.
-            self._signs[i] = new
+            signs[i] = new
+
+        if fresh or broken:
+            # Members of a broken pack that had no gradient still hold views of its buffer:
+            # repack them too, so that no view keeps the old buffer alive.
+            for pack in broken:
+                fresh.extend(
+                    i for i, view in zip(pack.members, pack.views, strict=True) if signs[i] is view
+                )
+            self._repack(fresh, broken)
         if compared == 0:
             self.last_value = None
             return None
@@ -133,14 +219,108 @@ class GradientSignTracker:
         total = totals[0]
         for other in totals[1:]:
             total = total + other.to(total.device)
-        value = total.item() / compared  # the one device-to-host sync of this call
+        value = (total.item() - padding) / compared  # the one device-to-host sync of this call
         self.num_measured += 1
         self.last_value = value
         return value
 
+    def _gather(self, pack: _Pack, got: list[torch.Tensor | None]) -> tuple[torch.Tensor, int] | None:
+        """This step's gradients of a pack's members, flattened in member order, for one pass.
+
+        A member without a gradient is stood in for by its stored signs: ``sign()`` keeps them,
+        so they are written back unchanged and agree with themselves; the caller subtracts
+        these ``absent`` elements from the count. Returns ``(flat, absent)``, or ``None`` when the
+        pack cannot be used this step: a member's stored signs are no longer its view (they were
+        replaced), or a gradient is sparse, has another shape or lives on another device.
+        """
+        signs = self._signs
+        if not all(map(operator.is_, [signs[i] for i in pack.members], pack.views)):
+            return None
+        absent = 0
+        if all(map(operator.is_not, got, _NONES)):
+            present = cast(list[torch.Tensor], got)
+            inputs, shapes = present, pack.shapes
+        else:
+            present, inputs, shapes = [], [], []
+            for grad, piece, shape in zip(got, pack.pieces, pack.shapes, strict=True):
+                if grad is None:
+                    inputs.append(piece)
+                    absent += piece.numel()
+                else:
+                    inputs.append(grad)
+                    present.append(grad)
+                    shapes.append(shape)
+        if any(map(_IS_SPARSE, present)) or list(map(_SHAPE, present)) != shapes:
+            return None
+        try:
+            flat = _flatten(inputs)
+        except RuntimeError:  # gradients on different devices
+            return None
+        if flat.device != pack.device:  # all of them moved (model.to(...)): repack there
+            return None
+        return flat, absent
+
+    @staticmethod
+    def _add(agree: dict[torch.device, torch.Tensor], device: torch.device,
+             count: torch.Tensor) -> None:
+        if device in agree:
+            agree[device] += count
+        else:
+            agree[device] = count.to(torch.int64)  # counts add up past int32 on big models
+
+    def _unpack(self) -> None:
+        """Forget the packing: every parameter is handled alone until the next repack."""
+        self._packs: list[_Pack] = []
+        self._loose: list[int] = list(range(len(self._params)))
+
+    def _repack(self, indices: list[int], broken: list[_Pack]) -> None:
+        """Pack the signs of ``indices`` with the packs already on their devices.
+
+        ``broken`` packs are dropped; their members must be in ``indices`` or no longer hold
+        views of them. The signs are copied into fresh flat buffers and every packed
+        parameter's signs become views of them, so no old buffer stays referenced.
+        """
+        signs = self._signs
+        wanted: dict[torch.device, set[int]] = {}
+        for i in indices:
+            sign = signs[i]
+            if sign is not None:
+                wanted.setdefault(sign.device, set()).add(i)
+        packs: list[_Pack] = []
+        for pack in self._packs:
+            if any(pack is b for b in broken):
+                continue
+            if pack.device in wanted:
+                wanted[pack.device].update(pack.members)  # merged: one buffer, not many
+            else:
+                packs.append(pack)
+        limit = self.pack_numel
+        for device, members in wanted.items():
+            group: list[int] = []
+            size = 0
+            for i in sorted(members):
+                numel = signs[i].numel()
+                if group and size + numel > limit:
+                    packs.append(self._pack(device, group))
+                    group, size = [], 0
+                group.append(i)
+                size += numel
+            if group:
+                packs.append(self._pack(device, group))
+        packed = {i for pack in packs for i in pack.members}
+        self._packs = packs
+        self._loose = [i for i in range(len(self._params)) if i not in packed]
+
+    def _pack(self, device: torch.device, members: list[int]) -> _Pack:
+        pack = _Pack(device, members, [self._signs[i] for i in members])
+        for i, view in zip(members, pack.views, strict=True):
+            self._signs[i] = view
+        return pack
+
     def reset(self) -> None:
         """Forget every stored sign (the next update returns ``None``)."""
         self._signs = [None] * len(self._params)
+        self._unpack()
         self.last_value = None
 
     # ----------------------------------------------------------------- state
@@ -201,8 +381,13 @@ class GradientSignTracker:
                     f"gradient sign tracker signs of {key!r} are {tensor.dtype} with "
                     f"{tensor.numel()} elements; expected int8 with {param.numel()}"
                 )
+            if bool(torch.any((tensor < -1) | (tensor > 1))):  # read once, on load
+                raise CheckpointError(
+                    f"gradient sign tracker signs of {key!r} hold values other than -1, 0 and +1"
+                )
             signs[index[key]] = tensor.to(param.device).reshape(param.shape).clone()
         self._signs = signs
+        self._unpack()  # packed again by the next update
         self.num_updates = int(json_state.get("num_updates", 0))
         self.num_measured = int(json_state.get("num_measured", 0))
         last = json_state.get("last_value")

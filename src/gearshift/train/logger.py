@@ -49,20 +49,29 @@ class RunLogger:
             self._wandb = wandb_mod.init(project=wandb_project, name=run_name, config=config,
                                          dir=str(run_dir), resume="allow")
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only metric lines with ``step <= step`` (used when resuming)."""
+    def truncate_after(self, step: int) -> set[str]:
+        """Keep only metric lines with ``step <= step`` (used when resuming).
+
+        Returns the metric names already logged at ``step`` itself, so the caller does not log
+        them twice (e.g. the final evaluation of a run killed during its export).
+        """
+        at_step: set[str] = set()
         if not self.enabled or not self.metrics_path.exists():
-            return
+            return at_step
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill mid-write
+            if record.get("step", 0) <= step:
+                kept.append(line)
+            if record.get("step") == step:
+                at_step.update(record)
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         tmp.replace(self.metrics_path)
+        return at_step
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,18 @@ def create_run_dir(output_dir: str | Path, name: str) -> Path:
 
 
 def write_run_config(run_dir: Path, config: Config, audit: dict[str, Any]) -> None:
-    (run_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
-    (run_dir / "overrides.json").write_text(
-        json.dumps(audit, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write ``config.yaml`` and ``overrides.json``; a kill mid-write leaves the old files."""
+    _write_atomic(run_dir / "config.yaml", config_to_yaml(config))
+    _write_atomic(run_dir / "overrides.json", json.dumps(audit, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_run_config(run_dir: str | Path) -> Config:

@@ -87,6 +87,7 @@ class Trainer(ResumeMixin, RecoveryMixin):
         self.should_stop = False
         self.step = 0
         self._losses_since_eval: list[float] = []
+        self._logged_at_resume: tuple[int, set[str]] = (-1, set())
         self.micro_limit: int | None = None  # set after an OOM: samples per forward pass
         self.consecutive_nonfinite = 0
         self.oom_skips = 0
@@ -156,7 +157,7 @@ class Trainer(ResumeMixin, RecoveryMixin):
                                 config=cfg.model_dump(mode="json"))
         self.dynamics.logger = self.logger
         if resumed is not None:
-            self.logger.truncate_after(self.step)
+            self._logged_at_resume = (self.step, self.logger.truncate_after(self.step))
             self.logger.log_event(self.step, "resume", checkpoint=str(resumed[0]),
                                   skipped_corrupt=resumed[1], notes=resumed[2])
         else:
@@ -379,6 +380,9 @@ class Trainer(ResumeMixin, RecoveryMixin):
 
     def _run_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
+        step, logged = self._logged_at_resume
+        if step == self.step and "eval/loss" in logged:
+            return metrics  # logged (and reported) before the run was resumed at this step
         recent, self._losses_since_eval = self._losses_since_eval, []
         if self.scheduler.plateau is not None:
             # The plateau schedule watches the eval loss, or the train loss without eval data.
