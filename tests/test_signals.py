@@ -223,6 +223,205 @@ def test_tracker_state_mismatch_is_a_clear_error():
         GradientSignTracker(_params(3)).load_state({**a.json_state(), "version": 99}, {})
 
 
+class _ReferenceTracker:
+    """The definition, one element at a time in spirit: no packing, no tricks."""
+
+    def __init__(self, params):
+        self.params = params
+        self.signs: dict[int, torch.Tensor] = {}
+
+    def update(self):
+        agree = compared = 0
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            new = torch.sign(grad.double()).to(torch.int8).cpu()
+            old = self.signs.get(i)
+            if old is not None and old.shape == new.shape:
+                agree += int((new == old).sum())
+                compared += new.numel()
+            self.signs[i] = new
+        return None if compared == 0 else agree / compared
+
+
+def _mixed_params():
+    """Scalars, LoRA-like matrices, mixed dtypes, an empty tensor and a large matrix."""
+    shapes = [(), (1,), (8, 4), (4, 8), (3, 5, 2), (0,), (17,), (6, 6), (40, 30), (2, 3)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.zeros(5, 3, dtype=torch.float64)))
+    params.append(torch.nn.Parameter(torch.zeros(7, dtype=torch.bfloat16)))
+    params.append(torch.nn.Parameter(torch.zeros(300, 250)))  # large by the default threshold
+    return params
+
+
+def _random_grads(params, g: torch.Generator, p_missing: float) -> None:
+    everything = torch.rand((), generator=g) < 0.3  # some steps give every parameter a grad
+    for p in params:
+        if not everything and torch.rand((), generator=g) < p_missing:
+            p.grad = None
+            continue
+        # Few distinct values, many exact zeros: agreements and 0 == 0 ties are common.
+        grad = torch.randint(-1, 2, p.shape, generator=g) * torch.rand(p.shape, generator=g)
+        p.grad = grad.to(p.dtype)
+
+
+def _same_state(tracker, reference):
+    has = {tracker.keys[i] for i in reference.signs}
+    assert set(tracker.json_state()["has_signs"]) == has
+    state = tracker.tensor_state()
+    for i, expected in reference.signs.items():
+        assert torch.equal(state[tracker.keys[i]], expected.contiguous())
+
+
+def _storage_bytes(tracker) -> int:
+    storages = {s.untyped_storage().data_ptr(): s.untyped_storage().nbytes()
+                for s in tracker._signs if s is not None}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("thresholds", [None, (16, 40), (64, 64)])
+def test_tracker_packed_updates_match_the_reference(monkeypatch, thresholds):
+    if thresholds is not None:  # small buffers: many packs, many loose tensors
+        monkeypatch.setattr(GradientSignTracker, "small_numel", thresholds[0])
+        monkeypatch.setattr(GradientSignTracker, "pack_numel", thresholds[1])
+    params = _mixed_params()
+    tracker = GradientSignTracker(params)
+    reference = _ReferenceTracker(params)
+    g = torch.Generator().manual_seed(1234)
+    measured = 0
+    for step in range(120):
+        # Early steps: many params first seen later; then the usual sparse-ish LoRA pattern.
+        _random_grads(params, g, p_missing=0.7 if step < 10 else 0.25)
+        got, want = tracker.update(), reference.update()
+        assert got == want, step  # the same integers divided: exactly equal
+        measured += want is not None
+        _same_state(tracker, reference)
+        # The persistent state is the sign buffers alone: no stale flat buffer kept alive.
+        assert _storage_bytes(tracker) == tracker.memory_bytes
+        assert tracker.memory_bytes == sum(s.numel() for s in reference.signs.values())
+    assert tracker.num_measured == measured
+    assert tracker._packs  # the fast path was in use
+    if thresholds is None:
+        assert len(tracker._loose) == 1  # only the large matrix is handled on its own
+
+
+def test_tracker_packs_survive_replaced_sparse_and_reshaped_gradients():
+    params = _params(3, 4, 5, 6)
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    params.append(emb.weight)
+    tracker = GradientSignTracker(params)
+    reference = _ReferenceTracker(params)
+    g = torch.Generator().manual_seed(7)
+
+    def step():
+        for p in params[:4]:
+            p.grad = torch.randn(p.shape, generator=g)
+        emb.weight.grad = None
+        emb(torch.randint(0, 5, (3,), generator=g)).sum().backward()
+        assert tracker.update() == reference.update()
+        _same_state(tracker, reference)
+
+    for _ in range(4):
+        step()
+    # A sparse gradient for a packed parameter: that step goes tensor by tensor, then repacks
+    # (params[3], without a gradient, keeps its signs and moves to the new buffer).
+    params[1].grad = torch.randn(4, generator=g).to_sparse()
+    params[3].grad = None
+    for p in (params[0], params[2]):
+        p.grad = torch.randn(p.shape, generator=g)
+    assert tracker.update() == reference.update()
+    _same_state(tracker, reference)
+    assert _storage_bytes(tracker) == tracker.memory_bytes
+    for _ in range(3):
+        step()
+    # A parameter reshaped in place: not compared (other shape), then tracked with its new shape.
+    params[2].data = torch.zeros(5, 1)
+    reference.params[2] = params[2]
+    for _ in range(3):
+        step()
+    assert _storage_bytes(tracker) == tracker.memory_bytes
+    # Signs replaced from outside (as a test or a debugger might) are the ones compared with.
+    tracker._signs[0] = reference.signs[0] = torch.tensor([1, 0, -1], dtype=torch.int8)
+    for _ in range(2):
+        step()
+
+
+def test_tracker_gathers_small_tensors_in_a_few_operations():
+    params = _params(*([10] * 200))
+    tracker = GradientSignTracker(params)
+
+    class _Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.signs = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.signs += getattr(func, "__name__", "") in ("sign", "sign_")
+            return func(*args, **(kwargs or {}))
+
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with _Count() as mode:
+            tracker.update()
+        # The first update stores the signs one tensor at a time; then one sign() per buffer.
+        assert mode.signs == (200 if step == 0 else 1)
+
+
+def test_tracker_state_round_trip_mid_sequence_with_packed_signs(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(GradientSignTracker, "small_numel", 50)
+    monkeypatch.setattr(GradientSignTracker, "pack_numel", 120)
+    params = _mixed_params()
+    seeds = torch.Generator().manual_seed(99)
+    schedule = []
+    for _ in range(40):
+        _random_grads(params, seeds, p_missing=0.3)
+        schedule.append([None if p.grad is None else p.grad.clone() for p in params])
+
+    def run(tracker, steps):
+        out = []
+        for grads in steps:
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
+            out.append(tracker.update())
+        return out
+
+    reference = _ReferenceTracker(params)
+    expected = run(reference, schedule)
+    first = GradientSignTracker(params)
+    assert run(first, schedule[:17]) == expected[:17]
+    save_file(first.tensor_state(), tmp_path / "signs.safetensors")
+    (tmp_path / "signs.json").write_text(json.dumps(first.json_state()))
+    # The saved signs are the per-parameter tensors of before, not the flat buffers.
+    saved = load_file(tmp_path / "signs.safetensors")
+    assert sorted(saved) == sorted(first.json_state()["has_signs"])
+    assert all(saved[k].numel() == n for k, n in first.json_state()["numel"].items())
+
+    # Into a fresh tracker, and over a tracker that already had packed signs of its own.
+    fresh = GradientSignTracker(params)
+    used = GradientSignTracker(params)
+    run(used, schedule[30:])
+    for resumed in (fresh, used):
+        resumed.load_state(
+            json.loads((tmp_path / "signs.json").read_text()),
+            load_file(tmp_path / "signs.safetensors"),
+        )
+        assert resumed.json_state() == first.json_state()
+        assert run(resumed, schedule[17:]) == expected[17:]
+        assert resumed.num_updates == 40
+    assert run(first, schedule[17:]) == expected[17:]  # saving disturbed nothing
+
+
+def test_tracker_rejects_signs_outside_minus_one_to_one():
+    a = GradientSignTracker(_params(3))
+    a._signs[0] = torch.ones(3, dtype=torch.int8)
+    with pytest.raises(CheckpointError, match="values other than"):
+        GradientSignTracker(_params(3)).load_state(
+            a.json_state(), {"0": torch.tensor([1, 5, 0], dtype=torch.int8)}
+        )
+
+
 # ------------------------------------------------------------------ reduce_signal
 
 

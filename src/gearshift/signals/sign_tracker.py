@@ -13,9 +13,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import torch
-from torch._utils import _flatten_dense_tensors
 
 from gearshift.errors import CheckpointError
+
+try:
+    from torch._utils import _flatten_dense_tensors
+except ImportError:  # pragma: no cover - a private helper (DDP's bucketing uses it)
+
+    def _flatten_dense_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
 
 __all__ = ["GradientSignTracker"]
 
@@ -43,6 +49,14 @@ def _count_equal(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(same)
 
 
+def _total(counts: list[torch.Tensor]) -> torch.Tensor:
+    """One device's counts added up on the device: in ``int64``, as they pass int32 on big
+    models (a single count is returned as is: it fits its own dtype)."""
+    if len(counts) == 1:
+        return counts[0]
+    return torch.stack(counts).sum(dtype=torch.int64)
+
+
 class _Pack:
     """The signs of several small parameters on one device, held in one flat ``int8`` buffer.
 
@@ -52,11 +66,15 @@ class _Pack:
     instead of a handful per parameter.
     """
 
-    __slots__ = ("device", "flat", "members", "numels", "pieces", "shapes", "total", "views")
+    __slots__ = (
+        "device", "flat", "members", "numels", "params", "pieces", "shapes", "total", "views",
+    )
 
-    def __init__(self, device: torch.device, members: list[int], signs: list[torch.Tensor]):
+    def __init__(self, device: torch.device, members: list[int], params: list[torch.Tensor],
+                 signs: list[torch.Tensor]):
         self.device = device
         self.members = members
+        self.params = params
         self.shapes = [s.shape for s in signs]
         self.numels = [s.numel() for s in signs]
         self.total = sum(self.numels)
@@ -164,26 +182,24 @@ class GradientSignTracker:
         """
         self.num_updates += 1
         signs = self._signs
-        grads = [p.grad for p in self._params]
-        agree: dict[torch.device, torch.Tensor] = {}
+        counts: dict[torch.device, list[torch.Tensor]] = {}  # agreeing elements, on the device
         compared = 0
         padding = 0  # elements counted as agreeing that stand for absent gradients
-        loose = [(i, grads[i]) for i in self._loose if grads[i] is not None]
+        loose = [(i, g) for i, p in self._loose if (g := p.grad) is not None]
         broken: list[_Pack] = []
         for pack in self._packs:
-            got = [grads[i] for i in pack.members]
+            got = [p.grad for p in pack.params]
             if not any(map(operator.is_not, got, _NONES)):
                 continue  # no member has a gradient this step
             gathered = self._gather(pack, got)
             if gathered is None:
                 broken.append(pack)
-                loose.extend((i, g) for i, g in zip(pack.members, got, strict=True) if g is not None)
+                loose += [(i, g) for i, g in zip(pack.members, got, strict=True) if g is not None]
                 continue
-            flat, absent = gathered
-            new = torch.sign(flat).to(torch.int8)
+            new, absent = gathered
             count = _count_equal(new, pack.flat)
             pack.flat.copy_(new)
-            self._add(agree, pack.device, count)
+            counts.setdefault(pack.device, []).append(count)
             compared += pack.total - absent
             padding += absent
 
@@ -199,7 +215,7 @@ class GradientSignTracker:
             if old is not None and old.shape == new.shape:
                 if old.device != new.device:  # the model moved; a one-off copy
                     old = old.to(new.device)
-                self._add(agree, new.device, _count_equal(new, old))
+                counts.setdefault(new.device, []).append(_count_equal(new, old))
                 compared += new.numel()
             # Keep the fresh buffer rather than copying into the old one: same memory, one pass less.
             signs[i] = new
@@ -215,23 +231,25 @@ class GradientSignTracker:
         if compared == 0:
             self.last_value = None
             return None
-        totals = list(agree.values())
+        totals = [_total(c) for c in counts.values()]
         total = totals[0]
-        for other in totals[1:]:
-            total = total + other.to(total.device)
+        for other in totals[1:]:  # devices: rare, and never a host read
+            total = total.to(torch.int64) + other.to(total.device)
         value = (total.item() - padding) / compared  # the one device-to-host sync of this call
         self.num_measured += 1
         self.last_value = value
         return value
 
-    def _gather(self, pack: _Pack, got: list[torch.Tensor | None]) -> tuple[torch.Tensor, int] | None:
-        """This step's gradients of a pack's members, flattened in member order, for one pass.
+    def _gather(
+        self, pack: _Pack, got: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, int] | None:
+        """The signs of this step's gradients of a pack's members: flat, ``int8``, member order.
 
         A member without a gradient is stood in for by its stored signs: ``sign()`` keeps them,
         so they are written back unchanged and agree with themselves; the caller subtracts
-        these ``absent`` elements from the count. Returns ``(flat, absent)``, or ``None`` when the
-        pack cannot be used this step: a member's stored signs are no longer its view (they were
-        replaced), or a gradient is sparse, has another shape or lives on another device.
+        these ``absent`` elements from the count. Returns ``(signs, absent)``, or ``None`` when
+        the pack cannot be used this step: a member's stored signs are no longer its view (they
+        were replaced), or a gradient is sparse, has another shape or lives on another device.
         """
         signs = self._signs
         if not all(map(operator.is_, [signs[i] for i in pack.members], pack.views)):
@@ -258,20 +276,15 @@ class GradientSignTracker:
             return None
         if flat.device != pack.device:  # all of them moved (model.to(...)): repack there
             return None
-        return flat, absent
-
-    @staticmethod
-    def _add(agree: dict[torch.device, torch.Tensor], device: torch.device,
-             count: torch.Tensor) -> None:
-        if device in agree:
-            agree[device] += count
-        else:
-            agree[device] = count.to(torch.int64)  # counts add up past int32 on big models
+        # Several inputs were concatenated into a fresh buffer, which sign() may overwrite; a
+        # single one may come back as a view of the gradient itself.
+        signs_f = flat.sign_() if len(inputs) > 1 else torch.sign(flat)
+        return signs_f.to(torch.int8), absent
 
     def _unpack(self) -> None:
         """Forget the packing: every parameter is handled alone until the next repack."""
         self._packs: list[_Pack] = []
-        self._loose: list[int] = list(range(len(self._params)))
+        self._loose: list[tuple[int, torch.Tensor]] = list(enumerate(self._params))
 
     def _repack(self, indices: list[int], broken: list[_Pack]) -> None:
         """Pack the signs of ``indices`` with the packs already on their devices.
@@ -309,10 +322,11 @@ class GradientSignTracker:
                 packs.append(self._pack(device, group))
         packed = {i for pack in packs for i in pack.members}
         self._packs = packs
-        self._loose = [i for i in range(len(self._params)) if i not in packed]
+        self._loose = [(i, p) for i, p in enumerate(self._params) if i not in packed]
 
     def _pack(self, device: torch.device, members: list[int]) -> _Pack:
-        pack = _Pack(device, members, [self._signs[i] for i in members])
+        pack = _Pack(device, members, [self._params[i] for i in members],
+                     [self._signs[i] for i in members])
         for i, view in zip(members, pack.views, strict=True):
             self._signs[i] = view
         return pack
