@@ -6,42 +6,44 @@ One tiny job (a ~30k-parameter byte-level Llama on 24 KB of the Python reference
 batch 8 x 32 tokens, warmup-cosine, AdamW, ``log_every: 1``, a checkpoint every
 ``--checkpoint-every`` steps, ``keep_last: 3``, an evaluation every 10 steps) is written to a
 temporary directory as a YAML config and trained with the real command line,
-``python -m gearshift train CONFIG``, in a subprocess:
+``python -m gearshift train CONFIG``, in subprocesses:
 
-1. **reference**: trained once without interruption;
+1. **reference**: trained once without interruption. While it runs, the harness polls
+   ``checkpoints/`` every 0.5 ms and measures how long each checkpoint stays in its
+   ``.tmp-step-*`` folder (the write time) and the start-up time, time per step and end time.
 2. **victim** (per trial): trained again in its own output directory and killed with
-   ``SIGKILL`` (the whole process group) ``--kills`` times. After each kill the harness looks at
-   what the process left behind, verifies every ``step-*`` checkpoint with
-   ``gearshift.checkpoint.verify_checkpoint`` and works out which one a correct resume must load
-   (the newest that verifies); then it runs ``python -m gearshift resume RUN_DIR``, which may be
-   killed again, until a launch finishes. If a kill lands before the first checkpoint exists,
-   ``resume`` must refuse with exit 2 ("no valid checkpoint") and the harness starts the run
-   over with ``train`` (counted as a restart; nothing of the abandoned run is reused).
+   ``SIGKILL`` (its whole process group) ``--kills`` times. The kills aim at target steps drawn
+   uniformly over the run (step ``steps + 1`` standing for its end: final evaluation, last
+   checkpoint, export) and sorted, so they spread over the whole run; each in one of three
+   manners:
 
-Each kill picks one of three moments (seeded by ``--seed``):
+   * ``checkpoint`` (share ``--mid-write-share``): the harness polls ``checkpoints/`` every
+     0.5 ms for the ``.tmp-step-*`` folder of this process for the target step or later (a
+     checkpoint being written), sleeps a uniform 0 to ``--write-jitter`` seconds (default 1.5x
+     the measured write time, so different parts of the write are hit: model file, optimizer,
+     trainer state, manifest, rename, ``latest`` swap, retention) and kills;
+   * ``training``: once the launch has logged the step before the target, at a uniform moment
+     of one step's time (of the end's time for the end target);
+   * ``startup`` (share ``--startup-share``): a uniform moment of the start-up (imports, config,
+     data, model, loading the checkpoint), whatever the target.
 
-* ``checkpoint`` (share ``--mid-write-share``): the harness polls ``checkpoints/`` every 0.5 ms
-  for a ``.tmp-step-*`` folder created by this process (a checkpoint being written), waits for
-  the n-th one (n uniform over the checkpoints still to come), sleeps a uniform
-  0-``--write-jitter`` seconds so that different parts of the write are hit (model file,
-  optimizer, manifest, rename, ``latest`` swap, retention), and kills;
-* ``startup`` (share ``--startup-share``): uniform over the launch's start-up (imports, config,
-  data, model, loading the checkpoint), as measured on the reference run;
-* ``training``: uniform over the rest of the launch once its ``start``/``resume`` event is
-  written, estimated from the reference run's time per step.
+   After each kill the harness reads what the process left (a ``.tmp-step-*`` folder of the
+   killed process means mid-checkpoint-write; ``.old-step-*`` mid-replace; ``.del-step-*``
+   mid-retention; ``.tmp-latest-*`` mid-``latest``-swap; a new ``final.tmp`` / ``final.old``
+   mid-export; a ``.config.yaml.tmp-*`` mid-config-rewrite; otherwise "elsewhere"), verifies
+   every ``step-*`` checkpoint with ``gearshift.checkpoint.verify_checkpoint`` and works out
+   which one a correct resume must load (the newest that verifies). Then it runs
+   ``python -m gearshift resume RUN_DIR`` (which may be killed in turn) until a launch
+   finishes. A kill before the first checkpoint exists must make ``resume`` refuse with exit 2
+   ("no valid checkpoint"); the harness then starts the run over with ``train`` (a restart).
 
-Where a kill landed is read from what it left: a ``.tmp-step-*`` folder of the killed process
-means mid-checkpoint-write, ``.old-step-*`` mid-replace, ``.del-step-*`` mid-retention,
-``.tmp-latest-*`` mid-``latest``-swap, ``final.tmp`` mid-export; otherwise "elsewhere".
-
-After every resume the harness checks the ``resume`` event in ``events.jsonl``: it must name
-the checkpoint the harness expected (the newest one that verified after the kill), and its
-``skipped_corrupt`` must list exactly the newer ones that failed verification. A corrupt
-checkpoint being loaded counts as a failure. When the victim finishes, its
-``final/model.safetensors`` must equal the reference's tensor for tensor (``torch.equal``), and
-``metrics.jsonl`` must hold the same (step, loss, lr, grad_norm) for every step and the same
-evaluations, as exact floats. "steps redone" is the work lost to kills: the step reached when
-killed minus the step resumed from, summed.
+Checks: every ``resume`` event in ``events.jsonl`` must name the checkpoint the harness expected
+and list in ``skipped_corrupt`` exactly the newer ones that failed verification (a corrupt
+checkpoint loaded is a failure). When the victim finishes, its ``final/model.safetensors`` must
+equal the reference's tensor for tensor (``torch.equal``) and ``metrics.jsonl`` must hold the
+same (step, loss, lr, grad_norm) for every step and the same evaluations, as exact floats.
+"steps redone" is the work lost to kills: the step reached when killed minus the step resumed
+from, summed; it is bounded by the checkpoint cadence, and nothing else is lost.
 
 Run ``python bench/chaos.py --help`` for the options; the defaults take a few minutes on a
 2-core CPU.
@@ -53,7 +55,9 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,11 +75,20 @@ from gearshift.checkpoint import verify_checkpoint
 
 POLL_S = 0.0005
 LAUNCH_TIMEOUT_S = 600.0
-TEMP_KINDS = (  # (prefix of a leftover in checkpoints/, where the kill landed)
-    (".tmp-step-", "checkpoint-write"),
-    (".old-step-", "checkpoint-replace"),
-    (".del-step-", "retention"),
-    (".tmp-latest-", "latest-swap"),
+NOT_KILLED = "not killed (finished first)"
+MODES = ("checkpoint", "training", "startup")
+TMP_STEP = re.compile(r"^\.tmp-step-(\d{8,})-(\d+)-[0-9a-f]+$")
+# What a kill can leave behind (relative to the run directory) -> where it landed.
+LEFTOVERS = (
+    ("checkpoints/.tmp-step-", "checkpoint-write"),
+    ("checkpoints/.old-step-", "checkpoint-replace"),
+    ("checkpoints/.del-step-", "retention"),
+    ("checkpoints/.tmp-latest-", "latest-swap"),
+    ("final.tmp", "final-export"),
+    ("final.old", "final-export"),
+    (".config.yaml.tmp-", "config-rewrite"),
+    (".overrides.json.tmp-", "config-rewrite"),
+    ("metrics.jsonl.tmp", "metrics-truncate"),
 )
 
 
@@ -124,7 +137,7 @@ def make_job(workdir: Path, *, steps: int, checkpoint_every: int, keep_last: int
     from gearshift.data import pydoc_topics
 
     if steps < 4:
-        raise ValueError("--steps must be at least 4 (the warmup is 3 steps)")
+        raise ValueError("steps must be at least 4 (the warmup is 3 steps)")
     corpus = workdir / "corpus.txt"
     corpus.write_text("\n\n".join(pydoc_topics()[:40])[:24_000], encoding="utf-8")
     return Job(workdir, corpus, steps, checkpoint_every, keep_last, threads)
@@ -184,14 +197,16 @@ class Launch:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
         return []
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            continue  # torn by a kill mid-write
         if isinstance(record, dict):
             out.append(record)
     return out
@@ -206,6 +221,10 @@ def history(run_dir: Path) -> list[tuple[Any, ...]]:
 def eval_history(run_dir: Path) -> list[tuple[Any, ...]]:
     return [(m["step"], m["eval/loss"])
             for m in read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in m]
+
+
+def last_step(run_dir: Path) -> int:
+    return max((h[0] for h in history(run_dir)), default=0)
 
 
 def find_run(output_dir: Path) -> Path | None:
@@ -250,27 +269,72 @@ def compare_runs(reference: Path, victim: Path) -> list[str]:
     return problems
 
 
-def mismatch_kind(problem: str) -> str:
-    return problem.split(":", 1)[0]
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    """Measured on the reference run."""
+
+    startup_s: float  # launch -> `start` event
+    step_s: float  # mean time per optimizer step, checkpoints and evaluations included
+    tail_s: float  # last step logged -> `end` event (final eval, checkpoint, export)
+    write_s: float  # median time a checkpoint spends in its .tmp-step-* folder
+    writes_seen: int
+
+
+def train_reference(job: Job, log: Callable[[str], None] = print) -> tuple[Path, Timing]:
+    """Train the job once without interruption, timing its start-up, steps and writes."""
+    output_dir = job.workdir / "reference"
+    launch = Launch(["train", str(job.write_config(output_dir))], job.workdir,
+                    job.workdir / "reference.log", job.threads)
+    appeared: dict[str, float] = {}
+    writes: list[float] = []
+    run_dir = None
+    while launch.running():
+        run_dir = run_dir or find_run(output_dir)
+        if run_dir is not None:
+            try:
+                names = set(os.listdir(run_dir / "checkpoints"))
+            except FileNotFoundError:
+                names = set()
+            now = time.perf_counter()
+            for name in names:
+                if TMP_STEP.match(name) and name not in appeared:
+                    appeared[name] = now
+            for name in [n for n in appeared if n not in names]:
+                writes.append(now - appeared.pop(name))
+        time.sleep(POLL_S)
+    rc = launch.wait()
+    if rc != 0:
+        raise RuntimeError(f"the reference run failed (exit {rc}):\n{launch.output()[-2000:]}")
+    run_dir = find_run(output_dir)
+    assert run_dir is not None
+    events = read_jsonl(run_dir / "events.jsonl")
+    start = next(e["time"] for e in events if e["event"] == "start")
+    end = next(e["time"] for e in events if e["event"] == "end")
+    ckpt_times = [e["time"] for e in events if e["event"] == "checkpoint"]
+    last = max((t for t in ckpt_times if t < end), default=end)
+    timing = Timing(startup_s=max(start - launch.started, 0.1),
+                    step_s=max(last - start, 0.01) / job.steps,
+                    tail_s=max(end - last, 0.01),
+                    write_s=statistics.median(writes) if writes else 0.01,
+                    writes_seen=len(writes))
+    log(f"reference: {job.steps} steps; start-up {timing.startup_s:.1f} s, "
+        f"{timing.step_s * 1000:.0f} ms/step, checkpoint write {timing.write_s * 1000:.1f} ms "
+        f"(median of {len(writes)}), end {timing.tail_s * 1000:.0f} ms")
+    return run_dir, timing
 
 
 # ----------------------------------------------------------------------------- one trial
 
 
 @dataclass
-class Timing:
-    """From the reference run: start-up seconds and training seconds per step."""
-
-    startup_s: float
-    per_step_s: float
-    tail_s: float
-
-
-@dataclass
 class KillRecord:
     launch: int
     mode: str
-    landed: str = "not killed (finished first)"
+    target: int  # the step aimed at; steps + 1 is the end of the run
+    landed: str = NOT_KILLED
     step_reached: int = 0
     resumed_from: int | None = None
     corrupt_after: list[str] = field(default_factory=list)
@@ -296,7 +360,7 @@ class TrialResult:
 
     @property
     def killed(self) -> list[KillRecord]:
-        return [k for k in self.kills if k.landed != "not killed (finished first)"]
+        return [k for k in self.kills if k.landed != NOT_KILLED]
 
     @property
     def ok(self) -> bool:
@@ -304,63 +368,30 @@ class TrialResult:
                 and not self.corrupt_loaded and not self.wrong_resume)
 
 
-def _leftovers(run_dir: Path | None) -> set[str]:
-    ckpts = run_dir / "checkpoints" if run_dir else None
-    if ckpts is None or not ckpts.is_dir():
+def in_progress_files(run_dir: Path | None) -> set[tuple[str, int, int]]:
+    """(name, inode, mtime) of every file a writer creates before it is complete."""
+    if run_dir is None:
         return set()
-    return {p.name for p in ckpts.iterdir() if p.name.startswith(".")}
+    found = set()
+    for folder, prefix in ((run_dir, ""), (run_dir / "checkpoints", "checkpoints/")):
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            name = prefix + entry.name
+            if any(name.startswith(p) for p, _ in LEFTOVERS):
+                st = entry.stat(follow_symlinks=False)
+                found.add((name, st.st_ino, st.st_mtime_ns))
+    return found
 
 
-def _landed(run_dir: Path | None, before: set[str], pid: int) -> str:
-    new = [n for n in _leftovers(run_dir) - before if f"-{pid}-" in n]
-    for prefix, where in TEMP_KINDS:
+def where_landed(run_dir: Path | None, before: set[tuple[str, int, int]]) -> str:
+    new = {name for name, _, _ in in_progress_files(run_dir) - before}
+    for prefix, where in LEFTOVERS:
         if any(n.startswith(prefix) for n in new):
             return where
-    if run_dir is not None and (run_dir / "final.tmp").exists():
-        return "final-export"
     return "elsewhere"
-
-
-def _wait_for_ckpt_write(launch: Launch, output_dir: Path, nth: int, jitter: float,
-                         rng: random.Random) -> bool:
-    """Kill right after the ``nth`` checkpoint folder of this process appears; False if the
-    process exited first."""
-    seen: set[str] = set()
-    marker = f"-{launch.pid}-"
-    deadline = time.time() + LAUNCH_TIMEOUT_S
-    run_dir: Path | None = None
-    while launch.running() and time.time() < deadline:
-        if run_dir is None:
-            run_dir = find_run(output_dir)
-        if run_dir is not None:
-            try:
-                names = os.listdir(run_dir / "checkpoints")
-            except FileNotFoundError:
-                names = []
-            for name in names:
-                if name.startswith(".tmp-step-") and marker in name and name not in seen:
-                    seen.add(name)
-                    if len(seen) >= nth:
-                        if jitter > 0:
-                            time.sleep(rng.uniform(0.0, jitter))
-                        launch.kill()
-                        return True
-        time.sleep(POLL_S)
-    return False
-
-
-def _wait_for_setup(launch: Launch, output_dir: Path, events_before: int) -> dict | None:
-    """The ``start``/``resume`` event this launch writes once it is set up (None: it exited)."""
-    deadline = time.time() + LAUNCH_TIMEOUT_S
-    while launch.running() and time.time() < deadline:
-        run_dir = find_run(output_dir)
-        if run_dir is not None:
-            events = read_jsonl(run_dir / "events.jsonl")[events_before:]
-            for event in events:
-                if event.get("event") in ("start", "resume"):
-                    return event
-        time.sleep(0.005)
-    return None
 
 
 class _Victim:
@@ -387,6 +418,10 @@ class _Victim:
     def expected_step(self) -> int:
         return int(self.expected.split("-")[1]) if self.expected else 0
 
+    def find_run(self) -> Path | None:
+        self.run_dir = self.run_dir or find_run(self.output_dir)
+        return self.run_dir
+
     def events(self) -> list[dict[str, Any]]:
         return read_jsonl(self.run_dir / "events.jsonl") if self.run_dir else []
 
@@ -411,12 +446,11 @@ class _Victim:
                 r.steps_redone += max(0, self.pending.step_reached - self.pending.resumed_from)
                 self.pending = None
 
-    def after_kill(self, record: KillRecord, leftovers_before: set[str], pid: int) -> None:
+    def after_kill(self, record: KillRecord, before: set[tuple[str, int, int]]) -> None:
         """Inspect what the kill left, verify every checkpoint, decide the next launch."""
         r = self.result
-        record.landed = _landed(self.run_dir, leftovers_before, pid)
-        record.step_reached = max((h[0] for h in history(self.run_dir)), default=0) \
-            if self.run_dir else 0
+        record.landed = where_landed(self.run_dir, before)
+        record.step_reached = last_step(self.run_dir) if self.run_dir else 0
         status = verify_all(self.run_dir) if self.run_dir else {}
         corrupt = {name for name, problems in status.items() if problems}
         for name in sorted(corrupt - self.corrupt):
@@ -426,8 +460,9 @@ class _Victim:
         valid = [name for name, problems in status.items() if not problems]
         self.expected = valid[-1] if valid else None
         self.expected_skipped = {n for n in corrupt if self.expected is None or n > self.expected}
-        self.log(f"  trial {r.trial} launch {record.launch}: killed ({record.mode}) at step "
-                 f"{record.step_reached}, landed: {record.landed}; resume should load "
+        self.log(f"  trial {r.trial} launch {record.launch}: {record.mode} kill aimed at step "
+                 f"{record.target} landed at step {record.step_reached} "
+                 f"({record.landed}); resume must load "
                  f"{self.expected or 'nothing (no checkpoint yet)'}")
         if self.expected is not None:
             self.pending = record
@@ -448,42 +483,65 @@ class _Victim:
         self.start_over()
 
 
-def _kill_sometime(launch: Launch, mode: str, victim: _Victim, timing: Timing,
-                   events_before: int, write_jitter: float, rng: random.Random) -> None:
-    job = victim.job
-    if mode == "checkpoint":
-        remaining = max(1, (job.steps - victim.expected_step) // job.checkpoint_every)
-        _wait_for_ckpt_write(launch, victim.output_dir, rng.randint(1, remaining),
-                             write_jitter, rng)
-    elif mode == "startup":
-        if launch.sleep(rng.uniform(0.0, timing.startup_s)):
-            launch.kill()
-    else:
-        event = _wait_for_setup(launch, victim.output_dir, events_before)
-        if event is not None:
-            left = job.steps - int(event.get("step", 0))
-            if launch.sleep(rng.uniform(0.0, left * timing.per_step_s + timing.tail_s)):
-                launch.kill()
+def _kill_at_write(launch: Launch, victim: _Victim, step: int, jitter: float,
+                   rng: random.Random) -> None:
+    """Kill soon after this process starts writing the checkpoint of ``step`` or a later one."""
+    while launch.running():
+        run_dir = victim.find_run()
+        if run_dir is not None:
+            try:
+                names = os.listdir(run_dir / "checkpoints")
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                m = TMP_STEP.match(name)
+                if m and int(m.group(2)) == launch.pid and int(m.group(1)) >= step:
+                    if jitter > 0:
+                        time.sleep(rng.uniform(0.0, jitter))
+                    launch.kill()
+                    return
+        time.sleep(POLL_S)
+
+
+def _kill_in_step(launch: Launch, victim: _Victim, step: int, timing: Timing,
+                  events_before: int, rng: random.Random) -> None:
+    """Kill at a uniform moment of ``step`` (of the end of the run when step > steps)."""
+    set_up = False
+    while launch.running():
+        run_dir = victim.find_run()
+        if run_dir is not None:
+            # Count only this launch's progress: metrics.jsonl is truncated to the resumed
+            # step just before the resume event is written.
+            set_up = set_up or any(e.get("event") in ("start", "resume")
+                                   for e in victim.events()[events_before:])
+            if set_up and last_step(run_dir) >= step - 1:
+                span = timing.tail_s if step > victim.job.steps else timing.step_s
+                if launch.sleep(rng.uniform(0.0, span)):
+                    launch.kill()
+                return
+        time.sleep(POLL_S * 2)
 
 
 def run_trial(index: int, job: Job, timing: Timing, *, kills: int, rng: random.Random,
               reference: Path, mid_write_share: float, startup_share: float,
-              write_jitter: float, modes: list[str] | None = None,
+              write_jitter: float | None, modes: list[str] | None = None,
               log: Callable[[str], None] = print) -> TrialResult:
     """Train the job, SIGKILL it ``kills`` times, resume each time, compare with ``reference``.
 
-    ``modes`` fixes the moment of each kill (``checkpoint``, ``startup`` or ``training``);
-    by default each is drawn with the given shares.
+    ``modes`` fixes the manner of each kill (``checkpoint``, ``training`` or ``startup``); by
+    default each is drawn with the given shares.
     """
     t0 = time.perf_counter()
     result = TrialResult(trial=index)
     trial_dir = job.workdir / f"trial-{index}"
     victim = _Victim(job, trial_dir, result, log)
+    targets = sorted(rng.randint(1, job.steps + 1) for _ in range(kills))
+    jitter = 1.5 * timing.write_s if write_jitter is None else write_jitter
     launch_no = 0
     while True:
         launch_no += 1
         events_before = len(victim.events())
-        leftovers_before = _leftovers(victim.run_dir)
+        before = in_progress_files(victim.run_dir)
         launch = Launch(victim.args, trial_dir, trial_dir / f"launch-{launch_no:02d}.log",
                         job.threads)
         record: KillRecord | None = None
@@ -493,14 +551,20 @@ def run_trial(index: int, job: Job, timing: Timing, *, kills: int, rng: random.R
                     "startup" if draw < mid_write_share + startup_share else "training")
             if modes is not None:
                 mode = modes[len(result.kills) % len(modes)]
-            record = KillRecord(launch=launch_no, mode=mode)
+            target = max(targets[len(result.kills)], victim.expected_step + 1)
+            record = KillRecord(launch=launch_no, mode=mode, target=target)
             result.kills.append(record)
-            _kill_sometime(launch, mode, victim, timing, events_before, write_jitter, rng)
+            if mode == "checkpoint":
+                _kill_at_write(launch, victim, min(target, job.steps), jitter, rng)
+            elif mode == "training":
+                _kill_in_step(launch, victim, target, timing, events_before, rng)
+            elif launch.sleep(rng.uniform(0.0, timing.startup_s)):
+                launch.kill()
         rc = launch.wait()
-        victim.run_dir = victim.run_dir or find_run(victim.output_dir)
+        victim.find_run()
         victim.check_resumes(victim.events()[events_before:], launch_no)
         if launch.killed and record is not None:
-            victim.after_kill(record, leftovers_before, launch.pid)
+            victim.after_kill(record, before)
             continue
         if rc != 0:
             result.errors.append(f"launch {launch_no} (gearshift {victim.args[0]}) exited {rc}: "
@@ -512,7 +576,9 @@ def run_trial(index: int, job: Job, timing: Timing, *, kills: int, rng: random.R
         for name, problems in verify_all(victim.run_dir).items():
             if problems and name not in victim.corrupt:
                 result.corrupt_found.append(f"{name} (at the end): {'; '.join(problems)}")
-        result.leftovers_at_end = sorted(_leftovers(victim.run_dir))
+        result.leftovers_at_end = sorted(
+            name for name, _, _ in in_progress_files(victim.run_dir)
+            if name.startswith("checkpoints/") or name.startswith("final."))
         if result.finished:
             result.mismatches = compare_runs(reference, victim.run_dir)
     result.seconds = time.perf_counter() - t0
@@ -522,41 +588,15 @@ def run_trial(index: int, job: Job, timing: Timing, *, kills: int, rng: random.R
 # ----------------------------------------------------------------------------- the session
 
 
-def train_reference(job: Job, log: Callable[[str], None] = print) -> tuple[Path, Timing]:
-    output_dir = job.workdir / "reference"
-    launch = Launch(["train", str(job.write_config(output_dir))], job.workdir,
-                    job.workdir / "reference.log", job.threads)
-    rc = launch.wait()
-    if rc != 0:
-        raise RuntimeError(f"the reference run failed (exit {rc}):\n{launch.output()[-2000:]}")
-    run_dir = find_run(output_dir)
-    assert run_dir is not None
-    events = read_jsonl(run_dir / "events.jsonl")
-    start = next(e["time"] for e in events if e["event"] == "start")
-    end = next(e["time"] for e in events if e["event"] == "end")
-    last_step = max((e["time"] for e in events if e.get("step") == job.steps
-                     and e["event"] == "checkpoint"), default=end)
-    # The window for "training" kills ends at the `end` event: what follows is the interpreter
-    # shutting down, where a kill can change nothing.
-    timing = Timing(startup_s=max(start - launch.started, 0.1),
-                    per_step_s=max(last_step - start, 0.01) / job.steps,
-                    tail_s=max(end - last_step, 0.01))
-    log(f"reference: {job.steps} steps, start-up {timing.startup_s:.1f} s, "
-        f"{timing.per_step_s * 1000:.0f} ms/step, {timing.tail_s:.2f} s from the last "
-        "checkpoint to the end")
-    return run_dir, timing
-
-
-def run_chaos(*, trials: int = 2, kills: int = 8, seed: int = 0, steps: int = 60,
+def run_chaos(*, trials: int = 3, kills: int = 10, seed: int = 0, steps: int = 60,
               checkpoint_every: int = 3, keep_last: int = 3, mid_write_share: float = 0.5,
-              startup_share: float = 0.1, write_jitter: float = 0.03, threads: int = 1,
+              startup_share: float = 0.1, write_jitter: float | None = None, threads: int = 1,
               modes: list[str] | None = None, workdir: Path | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole experiment and return its summary (see :func:`summarize`)."""
     started = time.perf_counter()
-    owned = workdir is None
-    tmp = tempfile.TemporaryDirectory(prefix="gearshift-chaos-") if owned else None
-    root = Path(tmp.name) if tmp is not None else Path(workdir)  # type: ignore[arg-type]
+    tmp = tempfile.TemporaryDirectory(prefix="gearshift-chaos-") if workdir is None else None
+    root = Path(tmp.name) if tmp is not None else Path(str(workdir))
     root.mkdir(parents=True, exist_ok=True)
     try:
         job = make_job(root, steps=steps, checkpoint_every=checkpoint_every,
@@ -575,13 +615,13 @@ def run_chaos(*, trials: int = 2, kills: int = 8, seed: int = 0, steps: int = 60
                         checkpoint_every=checkpoint_every, keep_last=keep_last,
                         mid_write_share=mid_write_share, startup_share=startup_share,
                         write_jitter=write_jitter, threads=threads, modes=modes)
-        return summarize(results, settings, time.perf_counter() - started)
+        return summarize(results, settings, timing, time.perf_counter() - started)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
-def summarize(results: list[TrialResult], settings: dict[str, Any],
+def summarize(results: list[TrialResult], settings: dict[str, Any], timing: Timing,
               seconds: float) -> dict[str, Any]:
     killed = [k for r in results for k in r.killed]
     landed: dict[str, int] = {}
@@ -590,18 +630,20 @@ def summarize(results: list[TrialResult], settings: dict[str, Any],
     kinds: dict[str, int] = {}
     for r in results:
         for m in r.mismatches:
-            kinds[mismatch_kind(m)] = kinds.get(mismatch_kind(m), 0) + 1
+            kind = m.split(":", 1)[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
     return {
         "settings": settings,
+        "timing": asdict(timing),
         "seconds": round(seconds, 1),
         "trials": len(results),
         "finished": sum(r.finished for r in results),
         "kills": len(killed),
         "kills_attempted": sum(len(r.kills) for r in results),
         "kills_mid_checkpoint_write": landed.get("checkpoint-write", 0),
-        "kills_by_mode": {m: sum(k.mode == m for k in killed)
-                          for m in ("checkpoint", "startup", "training")},
+        "kills_by_mode": {m: sum(k.mode == m for k in killed) for m in MODES},
         "kills_landed": landed,
+        "kill_steps": sorted(k.step_reached for k in killed),
         "resumes": sum(r.resumes for r in results),
         "resume_events_checked": sum(r.resume_checks for r in results),
         "restarts": sum(r.restarts for r in results),
@@ -621,11 +663,10 @@ def print_report(summary: dict[str, Any]) -> None:
     s = summary["settings"]
     print(f"\nchaos: {summary['trials']} trial(s) x {s['kills']} SIGKILLs, {s['steps']} steps, "
           f"checkpoint every {s['checkpoint_every']} (keep {s['keep_last']}), seed {s['seed']}")
-    header = (f"{'trial':>5}  {'kills':>5}  {'mid-write':>9}  {'resumes':>7}  {'restarts':>8}  "
-              f"{'redone':>6}  {'corrupt':>7}  {'mismatch':>8}  {'seconds':>7}  result")
-    print(header)
+    print(f"{'trial':>5}  {'kills':>5}  {'mid-write':>9}  {'resumes':>7}  {'restarts':>8}  "
+          f"{'redone':>6}  {'corrupt':>7}  {'mismatch':>8}  {'seconds':>7}  result")
     for r in summary["results"]:
-        kills = [k for k in r["kills"] if k["landed"] != "not killed (finished first)"]
+        kills = [k for k in r["kills"] if k["landed"] != NOT_KILLED]
         mid = sum(k["landed"] == "checkpoint-write" for k in kills)
         print(f"{r['trial']:>5}  {len(kills):>5}  {mid:>9}  {r['resumes']:>7}  "
               f"{r['restarts']:>8}  {r['steps_redone']:>6}  {len(r['corrupt_found']):>7}  "
@@ -635,16 +676,16 @@ def print_report(summary: dict[str, Any]) -> None:
     landed = ", ".join(f"{n} {k}" for k, n in sorted(summary["kills_landed"].items()))
     modes = ", ".join(f"{n} {k}" for k, n in summary["kills_by_mode"].items())
     print(f"trials: {summary['trials']} ({summary['finished']} finished)")
-    print(f"kills: {summary['kills']} of {summary['kills_attempted']} attempted "
-          f"({summary['kills_mid_checkpoint_write']} mid-checkpoint-write); "
-          f"aimed: {modes}; landed: {landed or 'none'}")
+    print(f"kills: {summary['kills']} of {summary['kills_attempted']} attempted, "
+          f"{summary['kills_mid_checkpoint_write']} mid-checkpoint-write; aimed: {modes}; "
+          f"landed: {landed or 'none'}; at steps {summary['kill_steps']}")
     print(f"resumes: {summary['resumes']} ({summary['resume_events_checked']} resume events "
           f"checked against the newest valid checkpoint, {summary['wrong_resume']} wrong); "
           f"restarts before any checkpoint: {summary['restarts']}; "
           f"steps redone: {summary['steps_redone']}")
     kinds = ", ".join(f"{k} {n}" for k, n in summary["mismatch_kinds"].items())
     print(f"mismatches: {summary['mismatches']}" + (f" ({kinds})" if kinds else
-          " (final weights bit-identical, loss/lr/grad_norm and eval history equal)"))
+          " (final weights bit-identical; loss, lr, grad_norm and eval history equal)"))
     print(f"checkpoints found corrupt: {summary['corrupt_found']} "
           f"(loaded: {summary['corrupt_loaded']})")
     print(f"errors: {summary['errors']}; total {summary['seconds']:.0f} s; "
@@ -653,25 +694,28 @@ def print_report(summary: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=2, help="victim runs (default 2)")
-    parser.add_argument("--kills", type=int, default=8, help="SIGKILLs per trial (default 8)")
+    parser.add_argument("--trials", type=int, default=3, help="victim runs (default 3)")
+    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs per trial (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--checkpoint-every", type=int, default=3, help="checkpoint cadence")
     parser.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     parser.add_argument("--mid-write-share", type=float, default=0.5,
-                        help="share of kills aimed at a checkpoint being written")
+                        help="share of kills aimed at a checkpoint being written (0.5)")
     parser.add_argument("--startup-share", type=float, default=0.1,
-                        help="share of kills aimed at start-up (imports, set-up, loading)")
-    parser.add_argument("--write-jitter", type=float, default=0.03,
-                        help="seconds (uniform) between seeing a checkpoint folder and the kill")
+                        help="share of kills during start-up: imports, set-up, loading (0.1)")
+    parser.add_argument("--write-jitter", type=float, default=None,
+                        help="longest delay (s) from seeing a checkpoint folder to the kill "
+                             "(default: 1.5x the write time measured on the reference run)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the runs")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep everything here (default: a temporary directory, removed)")
+                        help="keep every run here (default: a temporary directory, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     if args.trials < 1 or args.kills < 0 or args.checkpoint_every < 1 or args.keep_last < 1:
         parser.error("--trials, --checkpoint-every, --keep-last must be >= 1; --kills >= 0")
+    if args.steps < 4:
+        parser.error("--steps must be at least 4 (the warmup is 3 steps)")
     if not 0 <= args.mid_write_share + args.startup_share <= 1:
         parser.error("--mid-write-share + --startup-share must be within [0, 1]")
     return args
