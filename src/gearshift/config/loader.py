@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([Problem("", f"YAML syntax error{where}: {problem}")], str(p)) from None
+    except Exception as exc:  # PyYAML's constructors raise plain errors (e.g. 2001-02-30)
+        raise ConfigError([Problem("", f"YAML value error: {exc}; quote the value if it is "
+                                       "meant as text")], str(p)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -80,7 +84,7 @@ def parse_set_overrides(items: Iterable[str]) -> Layer:
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except Exception:  # not YAML (or a value PyYAML cannot build): keep the text as is
             value = raw
         _assign(values, key, value)
         origins[key] = f"--set {item}"
@@ -238,16 +242,30 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
         except ValueError:
             allowed = None  # the unknown name is reported by the schema
         if allowed is not None:
+            unknown = False
             for key in options:
                 if key not in allowed:
+                    unknown = True
                     valid = ", ".join(sorted(allowed)) or "none"
                     out.append(
                         Problem(
                             f"schedule.options.{key}",
-                            f"unknown option for schedule {name!r}{_did_you_mean(key, allowed)}; "
-                            f"valid options: {valid}",
+                            f"unknown option for schedule {name!r}"
+                            f"{_did_you_mean(str(key), allowed)}; valid options: {valid}",
                         )
                     )
+            if not unknown:
+                out.extend(_schedule_option_problems(name, options, train.get("max_steps")))
+    lora = _section(raw, "lora")
+    groups = lora.get("groups")
+    if isinstance(groups, dict):
+        for group, pattern in groups.items():
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    out.append(Problem(f"lora.groups.{group}",
+                                       f"not a valid regular expression ({exc})"))
     if name in ("plateau", "Adaptive", "adaptive") and "eval_every" in train and \
             train.get("eval_every") is None:
         out.append(Problem("training.eval_every", "the plateau schedule reacts to evaluations; "
@@ -279,6 +297,23 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
                     f"num_attention_heads ({heads}) must be divisible by num_key_value_heads ({kv})")
         )
     return out
+
+
+def _schedule_option_problems(name: str, options: dict[str, Any], max_steps: Any,
+                              ) -> list[Problem]:
+    """Check option *values* now, as the schedule will when it is built for the run."""
+    from gearshift.schedules import build_schedule
+
+    total = max_steps if _is_int(max_steps) and max_steps > 1 else 10**9
+    try:
+        build_schedule(name, total_steps=total, **{str(k): v for k, v in options.items()})
+    except (ValueError, TypeError) as exc:
+        problems = getattr(exc, "problems", None)
+        if not problems:
+            return [Problem("schedule.options", str(exc))]
+        return [Problem(f"schedule.options.{p.path}", p.message) for p in problems
+                if p.path in options]
+    return []
 
 
 def phases_with_lora_groups(phases: Any, groups: Any) -> Any:

@@ -7,6 +7,7 @@ Llama-architecture model trained on the Python reference manual that ships with 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -77,9 +78,17 @@ class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer: adamw or sgd")
     learning_rate: float = Field(3e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (not on biases / norms)")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     momentum: float = Field(0.0, ge=0, description="SGD only")
+
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
 
 
 class ScheduleConfig(Section):

@@ -106,7 +106,10 @@ def _read_jsonl(
     format_messages: Any,
 ) -> None:
     text = _decode(path, raw)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSONL line: str.splitlines() would also split inside records holding
+    # U+2028, form feeds and the like, and shift every later line number.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -46,7 +46,22 @@ def build_causal_lm(cfg: ModelConfig, *, vocab_size: int, bos_token_id: int | No
     return LlamaForCausalLM(config)
 
 
+def check_model_dir(path: str | Path) -> None:
+    """Raise :class:`ModelError` listing what a local model directory is missing."""
+    _check_local(Path(path))
+
+
 def _load_local(path: Path) -> PreTrainedModel:
+    _check_local(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                    use_safetensors=None)
+    except Exception as exc:  # transformers, safetensors and torch each raise their own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the model in {path}: {first}") from None
+
+
+def _check_local(path: Path) -> None:
     if not path.is_dir():
         raise ModelError(f"model.path {path} is not a directory")
     missing = []
@@ -61,18 +76,15 @@ def _load_local(path: Path) -> PreTrainedModel:
         if index.is_file():
             try:
                 shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            except (ValueError, KeyError, AttributeError, TypeError):
+                if not all(isinstance(x, str) for x in shards):
+                    raise TypeError("shard names must be strings")
+            except (ValueError, KeyError, AttributeError, TypeError, UnicodeDecodeError):
                 raise ModelError(f"{index} is not a valid shard index (expected a JSON object "
-                                 "with a 'weight_map')") from None
+                                 "with a 'weight_map' of tensor name -> shard file)") from None
             missing.extend(f"shard {s} (listed in {index.name})" for s in sorted(shards)
                            if not (path / s).is_file())
     if missing:
         raise ModelError(f"model directory {path} is missing: {', '.join(missing)}")
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                    use_safetensors=None)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot load the model in {path}: {exc}") from None
 
 
 class CausalLMLoss:

@@ -13,6 +13,7 @@ from gearshift.config import Config, load_config
 from gearshift.data import load_corpus, load_tokenizer, pack_documents
 from gearshift.errors import CheckpointError
 from gearshift.tasks import CausalLMLoss, build_causal_lm
+from gearshift.tasks.lm import check_model_dir
 from gearshift.train.callbacks import Callback
 from gearshift.train.rundir import find_auto_resume
 from gearshift.train.trainer import RunResult, Trainer
@@ -57,6 +58,8 @@ def train(config: Config | Mapping[str, Any] | str | Path | None = None, *,
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     resume_dir = resolve_resume(cfg, resume)
+    if cfg.model.path is not None:
+        check_model_dir(cfg.model.path)  # list what is missing before the tokenizer complains
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
     d = cfg.data
     corpus = load_corpus(d.source, d.paths, text_field=d.text_field,

@@ -14,6 +14,7 @@ attempt, so ``[6, 6, 6]`` fails step 6 three times in a row (enough to trigger a
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 
 from gearshift.train import setup
-from gearshift.train.dynamics import SIGNS
 from gearshift.train.interrupt import TrainingDiverged
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory",
@@ -104,6 +104,17 @@ class RecoveryMixin:
                     f"micro-batches of {self.micro_limit}")
         return True
 
+    def _shrink_eval_after_oom(self, batch: Any, exc: BaseException) -> bool:
+        """Halve the micro-batch after an OOM in evaluation; False when one sample is too big."""
+        free_memory()
+        current = min(self.micro_limit or setup.batch_size_of(batch), setup.batch_size_of(batch))
+        if current <= 1:
+            return False
+        self.micro_limit = (current + 1) // 2
+        self.logger.log_event(self.step, "oom_recovery", micro_batch=self.micro_limit,
+                              during="evaluation", error=str(exc)[:300])
+        return True
+
     def _rollback(self) -> None:
         """Return to the newest valid checkpoint with a lower LR, or stop with a clear message."""
         rec = self.config.recovery
@@ -113,21 +124,19 @@ class RecoveryMixin:
                 f"{n} non-finite steps in a row at step {self.step} after {self.rollbacks} "
                 f"rollback(s) (recovery.max_rollbacks={rec.max_rollbacks}); lower the learning "
                 "rate or check the data, then resume from the last good checkpoint")
-        path, _ = self.ckpt.find_latest_valid()
-        if path is None:
+        factor_in_force = self.lr_factor
+        found, _ = self._load_newest(self.ckpt)
+        if found is None:
             raise TrainingDiverged(
                 f"{n} non-finite steps in a row at step {self.step} and no checkpoint to roll "
                 "back to; lower the learning rate or checkpoint more often (checkpoint.every)")
-        factor_in_force = self.lr_factor
-        loaded = self.ckpt.load(path, model=self.raw_model, optimizer=self.optimizer,
-                                strict=not self.config.lora.enabled)
-        self._load_state(loaded.trainer_state)
-        self.dynamics.load(loaded.trainer_state, loaded.tensors.get(SIGNS))
+        path = found[0]
+        saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.rollbacks += 1
         self.consecutive_nonfinite = 0
         # The checkpoint's base LRs carry its own factor; move them to the new one.
         self.lr_factor = factor_in_force * rec.rollback_lr_factor
-        ratio = self.lr_factor / float(loaded.trainer_state.get("lr_factor", 1.0))
+        ratio = self.lr_factor / float(saved.get("lr_factor", 1.0))
         self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group.get("initial_lr", group["lr"]) * ratio

@@ -52,24 +52,43 @@ class ResumeMixin:
     def _maybe_resume(self) -> tuple[Path, list[str], list[str]] | None:
         ckpt_dir = self.resume_from / "checkpoints"
         manager = CheckpointManager(ckpt_dir, keep_last=self.config.checkpoint.keep_last)
-        path, skipped = manager.find_latest_valid()
-        skipped_text = [f"{p.name}: {why}" for p, why in skipped]
-        for line in skipped_text:
+        found, skipped = self._load_newest(manager)
+        for line in skipped:
             self._print(f"skipping corrupt checkpoint {line}")
-        if path is None:
+        if found is None:
             raise CheckpointError(
                 f"no valid checkpoint in {ckpt_dir}" + (f" ({len(skipped)} corrupt)" if skipped
                                                          else "") +
                 "; start a new run instead of resuming")
-        loaded = manager.load(path, model=self.raw_model, optimizer=self.optimizer,
-                              strict=not self.config.lora.enabled)
-        notes = self._load_state(loaded.trainer_state)
-        notes.extend(self.dynamics.load(loaded.trainer_state, loaded.tensors.get(SIGNS)))
-        self._apply_lr_scale()
+        path, notes = found
+        skipped_text = skipped
         self._print(f"resumed from {path} at step {self.step}")
         for note in notes:
             self._print(f"  {note}")
         return path, skipped_text, notes
+
+    def _load_newest(self, manager: CheckpointManager,
+                     ) -> tuple[tuple[Path, list[str]] | None, list[str]]:
+        """Load the newest checkpoint that verifies *and* fits; report every one skipped.
+
+        A checkpoint can pass its manifest yet not fit (a tensor of the wrong shape written by
+        other code); loading checks everything before it changes anything, so the next older
+        one can simply be tried.
+        """
+        skipped: list[str] = []
+        for path in reversed(manager.list_checkpoints()):
+            try:
+                loaded = manager.load(path, model=self.raw_model, optimizer=self.optimizer,
+                                      strict=not self.config.lora.enabled)
+                notes = self._load_state(loaded.trainer_state)
+                notes.extend(self.dynamics.load(loaded.trainer_state,
+                                                loaded.tensors.get(SIGNS)))
+            except CheckpointError as exc:
+                skipped.append(f"{path.name}: {exc}")
+                continue
+            self._apply_lr_scale()
+            return (path, notes), skipped
+        return None, skipped
 
     # ------------------------------------------------------------------ state
 

@@ -24,7 +24,7 @@ from gearshift.train import setup
 from gearshift.train.callbacks import Callback, CallbackList
 from gearshift.train.dynamics import SIGNS, PhaseDriver
 from gearshift.train.export import export_final
-from gearshift.train.interrupt import StopRequest, TrainingInterrupted
+from gearshift.train.interrupt import StopRequest, TrainingDiverged, TrainingInterrupted
 from gearshift.train.logger import RunLogger
 from gearshift.train.memory import enable_gradient_checkpointing
 from gearshift.train.recovery import RecoveryMixin, install_oom_fault, is_oom, split_batch
@@ -302,8 +302,10 @@ class Trainer(ResumeMixin, RecoveryMixin):
                 except Exception as exc:
                     if not (self.config.recovery.oom and is_oom(exc)):
                         raise
-                    if not self._shrink_after_oom([cpu_batch], exc):
-                        raise
+                    if not self._shrink_eval_after_oom(cpu_batch, exc):
+                        raise TrainingDiverged(
+                            "evaluation runs out of memory with one sample per forward pass; "
+                            "lower data.max_eval_sequences or data.seq_len, or use bf16") from None
             total += part
         self.model.train()
         if acc.num_processes > 1:
