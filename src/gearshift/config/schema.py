@@ -151,6 +151,9 @@ class CheckpointConfig(Section):
     enabled: bool = Field(True, description="write checkpoints at all")
     every: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
     keep_last: int = Field(3, ge=1, description="checkpoints kept on disk (newest)")
+    on_error: Literal["stop", "warn"] = Field(
+        "stop", description="a checkpoint that cannot be written (disk full, permission "
+        "denied): stop with a clear message, or warn and keep training")
 
 
 class LoggingConfig(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class RunLogger:
         self.events_path = run_dir / "events.jsonl"
         self._tb = None
         self._wandb = None
+        self._write_failed = False
         if not enabled:
             return
         if tensorboard:
@@ -77,8 +79,7 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(self.metrics_path, record)
         scalars = {k: v for k, v in metrics.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         if self._tb is not None:
@@ -92,8 +93,18 @@ class RunLogger:
             return
         record = {"step": step, "event": kind, "time": time.time(),
                   **{k: _json_safe(v) for k, v in fields.items()}}
-        with self.events_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(self.events_path, record)
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        # A full disk must not kill training from the logger: checkpoints decide (on_error).
+        try:
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            if not self._write_failed:
+                print(f"warning: cannot write {path.name} ({exc.strerror or exc}); records are "
+                      "being lost until this is fixed", file=sys.stderr)
+            self._write_failed = True
 
     def flush(self) -> None:
         if self._tb is not None:

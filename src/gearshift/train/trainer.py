@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
 from gearshift.checkpoint import CheckpointManager
 from gearshift.config import Config, load_config
+from gearshift.errors import CheckpointError
 from gearshift.schedules import build_lr_scheduler
 from gearshift.train import setup
 from gearshift.train.callbacks import Callback, CallbackList
@@ -31,6 +33,9 @@ from gearshift.train.recovery import RecoveryMixin, install_oom_fault, is_oom, s
 from gearshift.train.resume import ResumeMixin
 from gearshift.train.rundir import create_run_dir, write_run_config
 from gearshift.train.stream import BatchStream
+
+# safetensors reports I/O failures (disk full, permission denied) with its own error type.
+STORAGE_ERRORS = (OSError, SafetensorError)
 
 
 @dataclass
@@ -406,9 +411,13 @@ class Trainer(ResumeMixin, RecoveryMixin):
             weights: Any = self.raw_model
             if self.config.lora.enabled:  # the adapter only: the base is rebuilt from its source
                 weights = {n: p for n, p in self.raw_model.named_parameters() if p.requires_grad}
-            path = self.ckpt.save(self.step, model=weights, optimizer=self.optimizer,
-                                  trainer_state=self.state_dict(),
-                                  extra_tensors={SIGNS: signs} if signs else None)
+            try:
+                path = self.ckpt.save(self.step, model=weights, optimizer=self.optimizer,
+                                      trainer_state=self.state_dict(),
+                                      extra_tensors={SIGNS: signs} if signs else None)
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(f"checkpoint of step {self.step}", exc)
+                return None
             self.logger.log_event(self.step, "checkpoint", path=str(path))
             self.callbacks.fire("on_checkpoint", self, path)
         self.accelerator.wait_for_everyone()
@@ -422,8 +431,11 @@ class Trainer(ResumeMixin, RecoveryMixin):
             last_ckpt = self.save_checkpoint()
         final_dir = None
         if self.is_main:
-            final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer,
-                                     adapter=self.config.lora.enabled)
+            try:
+                final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer,
+                                         adapter=self.config.lora.enabled)
+            except STORAGE_ERRORS as exc:
+                self._storage_failed("final model export", exc)
         metrics: dict[str, float] = {}
         if self.initial_eval:
             metrics["eval/loss_before"] = self.initial_eval["eval/loss"]
@@ -434,6 +446,20 @@ class Trainer(ResumeMixin, RecoveryMixin):
         result = RunResult(self.run_dir, self.step, metrics, last_ckpt, final_dir)
         self.callbacks.fire("on_train_end", self, result)
         return result
+
+    def _storage_failed(self, what: str, exc: Exception) -> None:
+        """Disk full / permission denied: stop clearly, or warn (``checkpoint.on_error``)."""
+        latest, _ = self.ckpt.find_latest_valid()
+        kept = f"the previous checkpoint {latest.name} is intact" if latest else \
+            "no earlier checkpoint exists"
+        self.logger.log_event(self.step, "checkpoint_failed", what=what, error=str(exc))
+        reason = getattr(exc, "strerror", None) or str(exc).split(": ")[-1]
+        message = f"could not write the {what} in {self.run_dir} ({reason}); {kept}"
+        if self.config.checkpoint.on_error == "warn":
+            self._print(f"warning: {message}; training goes on (checkpoint.on_error: warn)")
+            return
+        raise CheckpointError(f"{message}. Free space or fix permissions, then run: gearshift "
+                              f"resume {self.run_dir}") from exc
 
     def _print(self, message: str) -> None:
         if getattr(self, "is_main", True):
