@@ -183,3 +183,32 @@ def test_resume_auto_picks_the_newest_run_of_the_same_name(make_config) -> None:
     assert_identical_runs(straight.run_dir, resumed.run_dir)
     fresh = gs.train({**cfg, "name": "other", "resume": "auto"})  # nothing to resume: new run
     assert fresh.run_dir.name.startswith("other-") and fresh.step == 8
+
+
+def test_second_ctrl_c_aborts_at_once(make_config) -> None:
+    class DoubleInterrupt(gs.Callback):
+        def on_step_end(self, trainer: gs.Trainer, metrics: dict) -> None:
+            if trainer.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # first: finish the step, then checkpoint
+                os.kill(os.getpid(), signal.SIGINT)  # second: abort now, no checkpoint
+
+    cfg = make_config(training={"max_steps": 10}, checkpoint={"every": 2})
+    with pytest.raises(KeyboardInterrupt):
+        gs.train(cfg, callbacks=[DoubleInterrupt()])
+    (run,) = Path(cfg["output_dir"]).iterdir()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_first_ctrl_c_checkpoints_and_raises_interrupted(make_config) -> None:
+    class Interrupt(gs.Callback):
+        def on_step_end(self, trainer: gs.Trainer, metrics: dict) -> None:
+            if trainer.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = make_config(training={"max_steps": 10}, checkpoint={"every": 100})
+    with pytest.raises(gs.TrainingInterrupted, match="Resume with: gearshift resume") as info:
+        gs.train(cfg, callbacks=[Interrupt()])
+    assert info.value.exit_code == 130
+    (run,) = Path(cfg["output_dir"]).iterdir()
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000003"]
