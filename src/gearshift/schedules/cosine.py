@@ -52,7 +52,7 @@ class WarmupCosine(Schedule):
 
 @dataclass(frozen=True, kw_only=True)
 class Cosine(Schedule):
-    """Cosine decay on the global clock; the warmup overlays its start (timm's default).
+    """Cosine decay on the global clock; the warmup overlays its start (as in common vision recipes).
 
     For ``s >= w``::
 
