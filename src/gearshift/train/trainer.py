@@ -416,11 +416,18 @@ class Trainer(ResumeMixin, RecoveryMixin):
                                       trainer_state=self.state_dict(),
                                       extra_tensors={SIGNS: signs} if signs else None)
             except STORAGE_ERRORS as exc:
-                self._storage_failed(f"checkpoint of step {self.step}", exc)
-                return None
-            self.logger.log_event(self.step, "checkpoint", path=str(path))
-            self.callbacks.fire("on_checkpoint", self, path)
+                failure = [self._storage_failure(f"checkpoint of step {self.step}", exc)]
+            else:
+                failure = [None]
+                self.logger.log_event(self.step, "checkpoint", path=str(path))
+                self.callbacks.fire("on_checkpoint", self, path)
+        else:
+            failure = [None]
         self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(failure)  # every rank stops together, none waits forever
+        if failure[0] is not None:
+            raise CheckpointError(failure[0])
         return path
 
     def _finish(self, last_ckpt: Path | None) -> RunResult:
@@ -435,7 +442,9 @@ class Trainer(ResumeMixin, RecoveryMixin):
                 final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer,
                                          adapter=self.config.lora.enabled)
             except STORAGE_ERRORS as exc:
-                self._storage_failed("final model export", exc)
+                failure = self._storage_failure("final model export", exc)
+                if failure is not None:
+                    raise CheckpointError(failure) from exc
         metrics: dict[str, float] = {}
         if self.initial_eval:
             metrics["eval/loss_before"] = self.initial_eval["eval/loss"]
@@ -447,8 +456,9 @@ class Trainer(ResumeMixin, RecoveryMixin):
         self.callbacks.fire("on_train_end", self, result)
         return result
 
-    def _storage_failed(self, what: str, exc: Exception) -> None:
-        """Disk full / permission denied: stop clearly, or warn (``checkpoint.on_error``)."""
+    def _storage_failure(self, what: str, exc: Exception) -> str | None:
+        """Disk full / permission denied: the message to stop with, or None after a warning
+        (``checkpoint.on_error: warn``)."""
         latest, _ = self.ckpt.find_latest_valid()
         kept = f"the previous checkpoint {latest.name} is intact" if latest else \
             "no earlier checkpoint exists"
@@ -457,9 +467,9 @@ class Trainer(ResumeMixin, RecoveryMixin):
         message = f"could not write the {what} in {self.run_dir} ({reason}); {kept}"
         if self.config.checkpoint.on_error == "warn":
             self._print(f"warning: {message}; training goes on (checkpoint.on_error: warn)")
-            return
-        raise CheckpointError(f"{message}. Free space or fix permissions, then run: gearshift "
-                              f"resume {self.run_dir}") from exc
+            return None
+        return (f"{message}. Free space or fix permissions, then run: gearshift resume "
+                f"{self.run_dir}")
 
     def _print(self, message: str) -> None:
         if getattr(self, "is_main", True):
