@@ -89,8 +89,10 @@ def _flag_values(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gearshift",
-        description="Fine-tuning with managed training dynamics: clock-driven LR schedules, "
-                    "safe checkpoints and exact resume.",
+        description="Fine-tuning with managed training dynamics: LR schedules that follow the "
+                    "clock, LoRA-alpha phases that follow the loss, and runs that survive "
+                    "crashes, kills, out-of-memory errors and NaNs (safe checkpoints, exact "
+                    "resume).",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
