@@ -79,6 +79,7 @@ for _key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_key, "1")
 
 import torch  # noqa: E402
+from machine import machine_busy_s, percent  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -219,18 +220,8 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds all processes have spent busy since boot (None off Linux)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    idle = int(fields[3]) + int(fields[4])  # idle + iowait
-    return (sum(int(f) for f in fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def percent(share: float | None) -> str:
-    return "n/a" if share is None else f"{100 * share:.0f}%"
 
 
 # ---------------------------------------------------------------------------- one row

@@ -69,6 +69,7 @@ for _key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from machine import machine_busy_s, percent  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -354,18 +355,8 @@ def check_schedules_agree(job: Job) -> None:
             raise SystemExit(f"schedules disagree at step {step}: {expected} vs {got}")
 
 
-def percent(share: float | None) -> str:
-    return "n/a" if share is None else f"{100 * share:.0f}%"
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds all processes have spent busy since boot (None off Linux)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    idle = int(fields[3]) + int(fields[4])  # idle + iowait
-    return (sum(int(f) for f in fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def time_run(arm: str, rnd: int, job: Job, threads: int) -> RunRecord:

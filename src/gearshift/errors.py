@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,6 +27,17 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def dedupe_problems(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems in order, each (path, message) once."""
+    return list(dict.fromkeys(problems))
 
 
 class ConfigError(GearshiftError):

@@ -8,7 +8,6 @@ layer that set it (``overrides.json`` in the run directory).
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from gearshift.config.schema import Config
-from gearshift.errors import ConfigError, Problem
+from gearshift.errors import ConfigError, Problem, dedupe_problems, did_you_mean
 from gearshift.schedules import schedule_options
 
 
@@ -194,7 +193,7 @@ def validate(raw: Mapping[str, Any], source: str | None = None) -> Config:
         problems.extend(_pydantic_problems(exc))
     problems.extend(semantic_problems(raw))
     if problems:
-        raise ConfigError(_dedupe(problems), source)
+        raise ConfigError(dedupe_problems(problems), source)
     assert config is not None  # no problems means pydantic accepted it
     return config
 
@@ -251,7 +250,7 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
                         Problem(
                             f"schedule.options.{key}",
                             f"unknown option for schedule {name!r}"
-                            f"{_did_you_mean(str(key), allowed)}; valid options: {valid}",
+                            f"{did_you_mean(str(key), allowed)}; valid options: {valid}",
                         )
                     )
             if not unknown:
@@ -346,7 +345,7 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
         path = ".".join(loc)
         if err["type"] == "extra_forbidden":
             allowed = _fields_at(loc[:-1])
-            msg = f"unknown key{_did_you_mean(loc[-1], allowed)}"
+            msg = f"unknown key{did_you_mean(loc[-1], allowed)}"
             if allowed:
                 msg += f"; valid keys here: {', '.join(sorted(allowed))}"
         else:
@@ -367,19 +366,6 @@ def _fields_at(loc: Sequence[str]) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for p in problems:
-        if (p.path, p.message) not in seen:
-            seen.add((p.path, p.message))
-            out.append(p)
-    return out
 
 
 def _section(raw: Any, key: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ with its own; an unknown key comes with a did-you-mean and the keys valid there.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -16,7 +15,7 @@ from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from gearshift.errors import ConfigError, Problem
+from gearshift.errors import ConfigError, Problem, dedupe_problems, did_you_mean
 from gearshift.phases.schema import LORA_KEYS, LoraTrainerPhasesConfig, PhasesConfig, SchemaModel
 
 PREFIX = "phases"
@@ -88,7 +87,7 @@ def _parse(raw: Any) -> tuple[SchemaModel | None, list[Problem]]:
         problems.extend(_own_problems(data))
     else:
         problems.extend(_lora_problems(data))
-    return (None if problems else model), _dedupe(problems)
+    return (None if problems else model), dedupe_problems(problems)
 
 
 # --------------------------------------------------------------------------- semantics
@@ -127,7 +126,7 @@ def _own_problems(raw: Mapping[str, Any]) -> list[Problem]:
                 where = f"{path}.expert_alpha.{expert}"
                 if expert not in experts:
                     known = ", ".join(experts) or "none declared"
-                    out.append(Problem(where, f"unknown expert{_did_you_mean(str(expert), experts)}"
+                    out.append(Problem(where, f"unknown expert{did_you_mean(str(expert), experts)}"
                                               f"; declare it under phases.experts.patterns "
                                               f"(known: {known})"))
                 out.extend(_alpha_problems(alpha, where, groups, allow_none=False))
@@ -160,7 +159,7 @@ def _lora_problems(raw: Mapping[str, Any]) -> list[Problem]:
             for name in expert_phases:
                 if name not in names:
                     out.append(Problem(f"{where}.phases.{name}",
-                                       f"unknown phase{_did_you_mean(str(name), names)}; phases "
+                                       f"unknown phase{did_you_mean(str(name), names)}; phases "
                                        f"in conv_alpha_phases: {', '.join(names)}"))
     return out
 
@@ -204,7 +203,7 @@ def _alpha_problems(value: Any, path: str, groups: list[str],
     for group, alpha in value.items():
         if group not in known:
             out.append(Problem(f"{path}.{group}",
-                               f"unknown group{_did_you_mean(str(group), known)}; groups: "
+                               f"unknown group{did_you_mean(str(group), known)}; groups: "
                                f"{', '.join(known)} (declare more under phases.groups.patterns)"))
         if not _is_alpha(alpha):
             out.append(Problem(f"{path}.{group}", f"alpha must be a number >= 0, got {alpha!r}"))
@@ -230,7 +229,7 @@ def _pydantic_problems(exc: ValidationError, cls: type[BaseModel]) -> list[Probl
         path = ".".join((PREFIX, *loc))
         if err["type"] == "extra_forbidden":
             allowed = _fields_at(cls, loc[:-1])
-            msg = f"unknown key{_did_you_mean(loc[-1], allowed)}"
+            msg = f"unknown key{did_you_mean(loc[-1], allowed)}"
             if allowed:
                 msg += f"; valid keys here: {', '.join(sorted(allowed))}"
         else:
@@ -262,18 +261,3 @@ def _unwrap(ann: Any) -> Any:
         args = [a for a in get_args(ann) if a is not type(None)]
         return args[0] if len(args) == 1 else ann
     return ann
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for p in problems:
-        if (p.path, p.message) not in seen:
-            seen.add((p.path, p.message))
-            out.append(p)
-    return out

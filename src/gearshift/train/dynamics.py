@@ -95,13 +95,15 @@ class PhaseDriver:
 
     # ---------------------------------------------------------------- checkpoint state
 
-    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """(JSON part for trainer_state, sign tensors) — empty when phases are off."""
-        if self.controller is None:
-            return {}, None
-        assert self.tracker is not None
-        return ({"phases": self.controller.state_dict(), SIGNS: self.tracker.json_state()},
-                self.tracker.tensor_state())
+    def json_state(self) -> dict[str, Any]:
+        """The controller's and tracker's JSON state for trainer_state (empty when off)."""
+        if self.controller is None or self.tracker is None:
+            return {}
+        return {"phases": self.controller.state_dict(), SIGNS: self.tracker.json_state()}
+
+    def sign_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The tracker's sign buffers for ``grad_signs.safetensors`` (None when off)."""
+        return self.tracker.tensor_state() if self.tracker is not None else None
 
     def load(self, trainer_state: dict[str, Any], tensors: dict[str, torch.Tensor] | None,
              ) -> list[str]:

@@ -112,7 +112,7 @@ class ResumeMixin:
             "micro_limit": self.micro_limit,
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
-            **self.dynamics.state()[0],
+            **self.dynamics.json_state(),
         }
 
     def _load_state(self, state: dict[str, Any]) -> list[str]:

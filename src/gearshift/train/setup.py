@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from gearshift.config import Config
 from gearshift.errors import ConfigError, Problem
+from gearshift.signals import LossNotFoundWarning, resolve_loss
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -109,13 +111,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def output_loss(output: Any) -> torch.Tensor:
-    """The loss in what a model returned: a tensor, or a ``loss`` entry / attribute."""
-    loss = output
-    if not isinstance(output, torch.Tensor):
-        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    """The loss in what a model returned (the rule of :func:`gearshift.signals.resolve_loss`).
+
+    Raises:
+        TypeError: when there is no scalar loss; the trainer cannot go on without one.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LossNotFoundWarning)  # the error below says it all
+        loss = resolve_loss(output)
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         return loss.reshape(())
     what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else \
-        f"a {type(output).__name__} with no scalar 'loss'"
+        f"a {type(output).__name__} with no scalar loss"
     raise TypeError(f"the model returned {what}; pass loss_fn=... to the Trainer, or make the "
                     "model return its loss")

@@ -407,7 +407,7 @@ class Trainer(ResumeMixin, RecoveryMixin):
         self.accelerator.wait_for_everyone()
         path = None
         if self.is_main:
-            signs = self.dynamics.state()[1]
+            signs = self.dynamics.sign_tensors()
             weights: Any = self.raw_model
             if self.config.lora.enabled:  # the adapter only: the base is rebuilt from its source
                 weights = {n: p for n, p in self.raw_model.named_parameters() if p.requires_grad}
