@@ -160,3 +160,13 @@ def test_example_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     if path.name == "default.yaml":
         assert cfg == load_config(None)  # the embedded default, spelled out
+
+
+def test_plateau_needs_evaluations() -> None:
+    with pytest.raises(ConfigError, match="training.eval_every: the plateau schedule reacts"):
+        load_config({"schedule": {"name": "Adaptive"}, "training": {"eval_every": None}})
+
+
+def test_files_with_the_builtin_corpus_are_refused() -> None:
+    with pytest.raises(ConfigError, match="files are given but data.source is 'pydoc_topics'"):
+        load_config({"data": {"paths": ["a.txt"]}})

@@ -115,3 +115,11 @@ def test_rollback_that_keeps_failing_stops(make_config) -> None:
         gs.train(cfg)
     (run,) = Path(cfg["output_dir"]).iterdir()
     assert [e["event"] for e in lines(run / "events.jsonl")].count("rollback") == 2
+
+
+def test_evaluation_that_cannot_fit_one_sample_stops_clearly(make_config) -> None:
+    cfg = make_config(training={"max_steps": 5, "batch_size": 2},
+                      faults={"oom_when_batch_above": 0})
+    with pytest.raises(gs.TrainingDiverged, match="evaluation runs out of memory with one "
+                       "sample per forward pass"):
+        gs.train(cfg)

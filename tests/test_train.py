@@ -343,3 +343,36 @@ def test_model_directory_with_missing_shards_lists_them(tmp_path: Path) -> None:
         build_causal_lm(ModelConfig(path=str(model_dir)), vocab_size=64)
     assert f"shard {shards[0]}" in str(info.value)
     assert shards[1] not in str(info.value)
+
+
+def test_batch_larger_than_the_data_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(gs.DataError, match="holds 4 samples, fewer than one batch of 8"):
+        gs.Trainer(MLP(), regression_data(4), base_cfg(tmp_path, batch_size=8,
+                                                       drop_last=True, max_steps=1)).fit()
+
+
+def test_warmup_longer_than_the_run_is_found_at_start(tmp_path: Path) -> None:
+    cfg = base_cfg(tmp_path, batch_size=4, epochs=1)  # 20 samples: 5 steps
+    cfg["schedule"] = {"name": "linear", "warmup_steps": 5}
+    with pytest.raises(gs.ConfigError, match=r"warmup \(5 steps\) must be shorter than the run "
+                       r"\(5 steps, 5 steps per epoch\)"):
+        gs.Trainer(MLP(), regression_data(20), cfg).fit()
+
+
+def test_epoch_interval_wants_the_warmup_in_epochs(tmp_path: Path) -> None:
+    cfg = base_cfg(tmp_path, batch_size=4, epochs=3)
+    cfg["schedule"] = {"name": "linear", "interval": "epoch", "warmup_steps": 2}
+    with pytest.raises(gs.ConfigError, match="give the warmup as warmup_epochs or warmup_ratio"):
+        gs.Trainer(MLP(), regression_data(20), cfg).fit()
+
+
+def test_wandb_without_the_package_names_the_extra(tmp_path: Path) -> None:
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    cfg = base_cfg(tmp_path, batch_size=4, max_steps=1)
+    cfg["logging"] = {"progress_bar": False, "tensorboard": False, "wandb": True}
+    with pytest.raises(gs.ConfigError, match=r"pip install 'gearshift\[wandb\]'"):
+        gs.Trainer(MLP(), regression_data(8), cfg).fit()

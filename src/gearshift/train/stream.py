@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from gearshift.errors import DataError
+
 
 @dataclass
 class DataPosition:
@@ -63,7 +65,7 @@ class BatchStream:
         n = len(dataset)
         self.batches_per_epoch = n // global_batch if drop_last else math.ceil(n / global_batch)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"the training data holds {n} samples, fewer than one batch of {global_batch}; "
                 "lower training.batch_size or add data"
             )
