@@ -40,10 +40,13 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError([Problem("model", "the model has no trainable parameters")])
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if o.weight_decay > 0:
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    else:  # one group: every fused / foreach update runs once over all parameters
+        groups = [{"params": params, "weight_decay": 0.0}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.learning_rate, momentum=o.momentum)
     return torch.optim.AdamW(groups, lr=o.learning_rate, betas=o.betas, eps=o.eps)
