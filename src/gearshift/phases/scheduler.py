@@ -13,10 +13,11 @@ from typing import Any
 
 from gearshift.errors import ConfigError, Problem
 from gearshift.phases import rules
+from gearshift.phases.level import LevelBlocks
 from gearshift.phases.rules import FAIL, PASS, Check, Evidence
 from gearshift.phases.spec import ControllerSpec, Phase, build_spec
-from gearshift.phases.state import STATE_VERSION, decode_state, plain
-from gearshift.phases.stats import PhaseTrend, RollingFit, RollingMean, t_quantile
+from gearshift.phases.state import LONG_WINDOWS, STATE_VERSION, decode_state, plain
+from gearshift.phases.stats import Fit, PhaseTrend, RollingFit, RollingMean, t_quantile
 from gearshift.phases.validate import parse_phases_config
 
 
@@ -72,6 +73,7 @@ class PhaseScheduler:
         self.spec = spec
         self.rank = _check_rank(rank)
         self._quantiles: dict[int, float] = {}
+        self._phase_confidence = rules.phase_confidence(spec.confidence)
         self._reset()
 
     def _reset(self) -> None:
@@ -84,7 +86,10 @@ class PhaseScheduler:
         self._streak = 0
         self._ignored = 0
         self._window = RollingFit(window)
+        # Longer windows, judged when the last `window` losses are too few for the noise.
+        self._long = tuple(RollingFit(k * window) for k in LONG_WINDOWS)
         self._trend = PhaseTrend()
+        self._level = LevelBlocks(window)
         self._stability = RollingMean(window)
         self._experts: dict[str, _ExpertStats] = {}
         self._checks: tuple[Check, ...] = ()
@@ -145,7 +150,10 @@ class PhaseScheduler:
         fresh = False
         if value is not None and math.isfinite(value):
             self._window.add(step, value)
+            for fit in self._long:
+                fit.add(step, value)
             self._trend.add(step, value)
+            self._level.add(value)
             if per_expert is not None:
                 per_expert.fit.add(step, value)
             fresh = True
@@ -161,20 +169,24 @@ class PhaseScheduler:
     def _quantile(self, df: int) -> float:
         q = self._quantiles.get(df)
         if q is None:
-            q = self._quantiles[df] = t_quantile(self.spec.confidence, df)
+            q = t_quantile(self.spec.confidence, df)
+            if len(self._quantiles) < 64:  # the phase-wide df grows every step: bounded cache
+                self._quantiles[df] = q
         return q
+
+    def _phase_quantile(self, df: int) -> float:
+        return t_quantile(self._phase_confidence, df)
 
     def _decide(self, step: int, fresh: bool) -> bool:
         phase = self.current_phase
         spec = self.spec
-        window_fit = self._window.fit()
-        phase_fit = self._trend.fit() if window_fit is not None else None
-        ev = rules.gather(
-            window_fit, self._quantile(window_fit.n - 2) if window_fit else None, phase_fit,
-            t_quantile(spec.confidence, phase_fit.n - 2) if phase_fit else None,
-            phase.exit.relative, self._stability.mean(), len(self._stability), len(self._window))
-        checks = rules.statistical_checks(phase, ev)
         window_ok = len(self._window) >= spec.window
+        windows = self._windows(window_ok)
+        ev = rules.gather(
+            windows, self._trend.fit() if windows else None, self._quantile,
+            self._phase_quantile, phase.exit, self._level.cv(), self._stability.mean(),
+            len(self._stability), len(self._window))
+        checks = rules.statistical_checks(phase, ev)
         if fresh:
             self._streak = self._streak + 1 if window_ok and not rules.blocking(checks) else 0
         sip = self.steps_in_phase
@@ -200,6 +212,17 @@ class PhaseScheduler:
         self._outcome = "stay: " + ", ".join(failed)
         return False
 
+    def _windows(self, window_ok: bool) -> list[Fit]:
+        """The statistics window's fit, then those of the longer windows that are full."""
+        first = self._window.fit()
+        if first is None:
+            return []
+        out = [first]
+        if window_ok:
+            out.extend(f for f in (w.fit() for w in self._long if len(w) == w.capacity)
+                       if f is not None)
+        return out
+
     def _transition(self, step: int, reason: str) -> None:
         old, new = self.current_phase, self.spec.phases[self.phase_index + 1]
         self.transition_history.append({
@@ -214,7 +237,10 @@ class PhaseScheduler:
         self.steps_in_phase = 0
         self._streak = 0
         self._window.clear()
+        for fit in self._long:
+            fit.clear()
         self._trend.clear()
+        self._level.clear()
         self._stability.clear()
         self._experts.clear()
         self._evidence = Evidence()  # the deciding numbers are kept in the history entry
@@ -307,7 +333,8 @@ class PhaseScheduler:
             "steps_in_phase": self.steps_in_phase, "total_steps": self.total_steps,
             "last_step": self.last_step, "streak": self._streak, "ignored_losses": self._ignored,
             "transition_history": plain(self.transition_history),
-            "window": self._window.state(), "trend": self._trend.state(),
+            "window": self._window.state(), "long_windows": [f.state() for f in self._long],
+            "level": self._level.state(), "trend": self._trend.state(),
             "stability": self._stability.state(),
             "experts": {k: {"window": v.fit.state(), "stability": v.stability.state()}
                         for k, v in self._experts.items()},
@@ -335,6 +362,7 @@ class PhaseScheduler:
         self._streak = d["streak"]
         self._ignored = d["ignored_losses"]
         self._window, self._trend, self._stability = d["window"], d["trend"], d["stability"]
+        self._long, self._level = d["long_windows"], d["level"]
         self._experts = {}
         for name, (fit, mean) in d["experts"].items():
             st = self._experts[name] = _ExpertStats(self.spec.window)

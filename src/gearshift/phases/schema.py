@@ -3,45 +3,50 @@
 **gearshift's own schema** (:class:`PhasesConfig`), selected by a ``phases:`` list::
 
     phases:
-      window: 200            # statistics window, optimizer steps
+      window: 300            # statistics window, optimizer steps
       alpha: 16              # alpha of every phase / group that sets none
       groups: {patterns: {attn: "self_attn"}}          # module-name regex -> LoRA group
       experts: {patterns: {high_noise: "high_noise"}}  # module-name regex -> MoE expert
       phases:
         - name: foundation
           alpha: {linear: 16, conv: 8}
-          exit: {relative_improvement_below: 0.001}
+          exit: {relative_improvement_below: 0.0002}
         - {name: balance, alpha: 12, expert_alpha: {high_noise: 14}, lr_scale: 0.5}
 
 **LoRA-trainer schema** (:class:`LoraTrainerPhasesConfig`), selected by ``conv_alpha_phases``,
-``linear_alpha``, ``conv_alpha`` or ``per_expert``: the ``alpha_schedule`` block that existing LoRA
-trainers use, with their defaults. Keys they do not have (``max_steps``, ``lr_scale``,
-``require_r2``, ``max_cv``, ``window``, ``patience``, ``confidence``, ``use_rslora``, an expert's
-``pattern``) are accepted as gearshift extensions.
+``linear_alpha``, ``conv_alpha``, ``per_expert``, ``mode`` or ``_preset``: the
+``alpha_schedule`` block that existing LoRA trainers use, with their defaults, accepted exactly
+as their default-config writer and job UI write it. ``mode`` and ``_preset`` are accepted and
+not used (a value other than ``phase_adaptive`` / ``video`` / ``image`` is warned about once).
+Keys they do not have (``max_steps``, ``lr_scale``, ``require_r2``, ``max_cv``, ``window``,
+``patience``, ``confidence``, ``use_rslora``, an expert's ``pattern``) are accepted as gearshift
+extensions.
 
 Defaults, gearshift schema (each is the ``Field`` default below):
 
 - ``enabled: true`` — a ``phases:`` section means phases are wanted (both schemas).
-- ``window: 200`` optimizer steps. The plateau test needs the window's slope estimate to be
-  precise to about the threshold: for a flat loss with coefficient of variation ``CV`` that is
-  ``W ≳ 1.3 · (12 · (q · CV / τ)²)^(1/3)`` (``q`` ≈ 1.65, ``τ`` the threshold), i.e. about 90
-  steps for CV 0.1 and 190 for CV 0.3 at ``τ = 0.001``. A window too short for its noise never
-  passes the plateau test (``max_steps`` is then the only way out).
-- ``patience: 10`` consecutive passing checks; ``confidence: 0.95`` (one-sided) for every test.
+- ``window: 300`` optimizer steps: no transition before a full window. When the window is too
+  short for the noise to tell a plateau from a fall of ``τ`` per step, the rate is judged over
+  2 and 4 windows, then over the whole phase (:mod:`gearshift.phases.rules`): a flat loss with
+  per-step CV ``c`` needs about ``(12 · (1.65 · c / (1.5 · τ))²)^(1/3)`` losses — 320 for
+  ``c = 0.3``, 710 for ``c = 1`` at the default ``τ``.
+- ``patience: 10`` consecutive passing checks; ``confidence: 0.95`` (one-sided) for the window
+  tests, 0.999 for the whole-phase rising test.
 - ``alpha: 16`` for phases and groups that set none; ``use_rslora: false``; no groups, no
   experts.
 - per phase: ``min_steps: 50``, ``max_steps: null`` (never forced), ``alpha: null`` (the
   top-level alpha), ``expert_alpha: {}``, ``lr_scale: 1.0``.
-- ``exit``: ``relative_improvement_below: 0.001`` (0.1% of the mean loss per step),
-  ``min_gradient_stability: null`` (not checked), ``max_cv: 0.5``, ``min_r2: null`` (not
-  reported), ``require_r2: false`` (R² advisory).
+- ``exit``: ``relative_improvement_below: 0.0002`` (0.02% of the mean loss per step),
+  ``min_gradient_stability: null`` (not checked), ``max_cv: 0.5`` (on the level, not on each
+  step), ``min_r2: null`` (not reported), ``require_r2: false`` (R² advisory).
 
 LoRA-trainer schema defaults are theirs: ``linear_alpha: 16``, ``min_steps: 500``,
 ``loss_improvement_rate_below: 0.001`` (absolute loss change per step),
 ``min_gradient_stability: 0.55`` (checked only once stability values are given),
-``min_loss_r2: 0.1`` (advisory), window 200 — plus the gearshift defaults for the extensions.
-Per-expert ``min_steps`` / ``exit_criteria`` are accepted but unused, with a warning: one
-decision is made for the whole model, experts differ only in alpha.
+``min_loss_r2: 0.1`` (advisory), ``window: 100`` (the losses those trainers require before
+their first transition) — plus the gearshift defaults for the extensions. Per-expert
+``min_steps`` / ``exit_criteria`` are accepted but unused, with a warning: one decision is made
+for the whole model, experts differ only in alpha.
 """
 
 from __future__ import annotations
@@ -59,16 +64,19 @@ class ExitCriteria(_Strict):
     """When a phase (gearshift schema) has done its job; see :mod:`gearshift.phases.rules`."""
 
     relative_improvement_below: float = Field(
-        0.001, gt=0, allow_inf_nan=False,
-        description="plateau threshold: improvement per step as a fraction of the window's mean "
-        "loss (0.001 = the loss falls by less than 0.1%/step, i.e. <10% per 100 steps)")
+        0.0002, gt=0, allow_inf_nan=False,
+        description="plateau threshold: improvement per step as a fraction of the mean loss "
+        "(0.0002 = the phase ends once there is no evidence that the loss still falls by "
+        "0.02%/step, i.e. 2% per 100 steps)")
     min_gradient_stability: float | None = Field(
         None, ge=0, le=1, allow_inf_nan=False,
         description="minimum mean gradient-sign agreement over the window; null = not checked "
         "(checked only once stability values have been given)")
     max_cv: float | None = Field(
         0.5, gt=0, allow_inf_nan=False,
-        description="maximum coefficient of variation of the window's losses; null = no cap")
+        description="maximum spread of the loss level: standard deviation of the means of 10 "
+        "consecutive blocks of the window over their mean (per-step noise barely moves it); "
+        "null = no cap")
     min_r2: float | None = Field(
         None, ge=0, le=1, allow_inf_nan=False,
         description="R² of the window's linear fit to report against; null = not reported")
@@ -111,6 +119,10 @@ class _Common(_Strict):
 
 class PhasesConfig(_Common):
     """gearshift's own phases schema (see the module docstring)."""
+
+    window: int = Field(300, ge=3, description="statistics window in optimizer steps (samples "
+                        "of the current phase only); a noisier loss is judged over 2, 4 "
+                        "windows or the whole phase when one window is too short for it")
 
     alpha: float = Field(16.0, ge=0, allow_inf_nan=False,
                          description="alpha wherever a phase or group sets none")
@@ -163,6 +175,16 @@ class LoraExpert(_Strict):
 class LoraTrainerPhasesConfig(_Common):
     """The LoRA-trainer ``alpha_schedule`` schema (see the module docstring)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    window: int = Field(100, ge=3, description="statistics window in optimizer steps; 100 = "
+                        "the losses those trainers require before their first transition")
+    mode: str | None = Field(None, description="written by those trainers' default-config "
+                             "writer ('phase_adaptive', the only mode there is); not used")
+    preset: str | None = Field(None, alias="_preset", description="written by those trainers' "
+                               "job UI ('video' or 'image'; the values it stands for are "
+                               "written out beside it); not used")
+
     linear_alpha: float = Field(16.0, ge=0, allow_inf_nan=False,
                                 description="alpha of every linear LoRA layer, all phases")
     conv_alpha: float | None = Field(None, ge=0, allow_inf_nan=False,
@@ -172,5 +194,8 @@ class LoraTrainerPhasesConfig(_Common):
 
 
 LORA_KEYS: frozenset[str] = frozenset({"linear_alpha", "conv_alpha", "conv_alpha_phases",
-                                       "per_expert"})
+                                       "per_expert", "mode", "_preset"})
+#: Values of the LoRA-trainer keys that gearshift accepts silently; any other is warned about.
+LORA_KNOWN_VALUES: dict[str, frozenset[str]] = {
+    "mode": frozenset({"phase_adaptive"}), "_preset": frozenset({"video", "image"})}
 SchemaModel = PhasesConfig | LoraTrainerPhasesConfig

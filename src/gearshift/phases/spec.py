@@ -21,7 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gearshift.phases.schema import LoraTrainerPhasesConfig, PhasesConfig, SchemaModel
+from gearshift.phases.schema import (
+    LORA_KNOWN_VALUES,
+    LoraTrainerPhasesConfig,
+    PhasesConfig,
+    SchemaModel,
+)
 
 AlphaSpec = float | dict[str, float] | None
 
@@ -162,6 +167,14 @@ def _from_own(cfg: PhasesConfig) -> ControllerSpec:
 
 def _from_lora(cfg: LoraTrainerPhasesConfig) -> ControllerSpec:
     linear = cfg.linear_alpha
+    for key, value in (("mode", cfg.mode), ("_preset", cfg.preset)):
+        if value is not None and value not in LORA_KNOWN_VALUES[key]:
+            # The warnings module shows this once per message: once per run, not per build.
+            warnings.warn(
+                f"phases.{key}: {value!r} is not acted on — gearshift always moves through "
+                f"the phases by the loss, with the thresholds written in the config (known "
+                f"values: {', '.join(sorted(LORA_KNOWN_VALUES[key]))})", UserWarning,
+                stacklevel=3)
     ignored = [f"per_expert.{e}.phases.{n}" for e, body in cfg.per_expert.items()
                for n, p in body.phases.items()
                if p.min_steps is not None or p.exit_criteria is not None]

@@ -3,8 +3,11 @@
 Version 1 layout (every value JSON-safe; floats finite, ``inf`` written as ``"inf"``)::
 
     version, schema, phase_names, phase_index, steps_in_phase, total_steps, last_step,
-    streak, ignored_losses, transition_history, window, trend, stability, experts,
-    last_decision, last_decision_phase, evidence, outcome
+    streak, ignored_losses, transition_history, window, long_windows, level, trend,
+    stability, experts, last_decision, last_decision_phase, evidence, outcome
+
+(``long_windows`` and ``level`` came later; a state without them is read with a warning and
+starts them empty.)
 
 Which side wins on resume: the config for thresholds, alphas and the window length (a changed
 window keeps the newest samples, with a warning); the checkpoint for every counter and buffer.
@@ -17,6 +20,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gearshift.errors import CheckpointError
+from gearshift.phases.level import LevelBlocks
 from gearshift.phases.rules import Check, Evidence
 from gearshift.phases.stats import PhaseTrend, RollingFit, RollingMean
 
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
     from gearshift.phases.spec import ControllerSpec
 
 STATE_VERSION = 1
+#: Lengths of the longer windows, in statistics windows (judged when one is too short).
+LONG_WINDOWS = (2, 4, 8)
 
 
 def decode_state(state: Any, defaults: dict[str, Any], spec: ControllerSpec) -> dict[str, Any]:
@@ -80,6 +86,14 @@ def decode_state(state: Any, defaults: dict[str, Any], spec: ControllerSpec) -> 
             "newest samples and recomputed the sums (decisions may differ from an uninterrupted "
             "run)", UserWarning, stacklevel=3)
     out["window"] = window
+    longs = s["long_windows"]
+    if not isinstance(longs, list) or len(longs) != len(LONG_WINDOWS):
+        raise CheckpointError(f"phase state long_windows must be a list of {len(LONG_WINDOWS)} "
+                              "windows")
+    out["long_windows"] = tuple(
+        RollingFit.from_state(body, k * spec.window, f"long_windows.{i}")[0]
+        for i, (k, body) in enumerate(zip(LONG_WINDOWS, longs, strict=True)))
+    out["level"] = LevelBlocks.from_state(s["level"], spec.window, "level")
     out["trend"] = PhaseTrend.from_state(s["trend"], "trend")
     out["stability"] = RollingMean.from_state(s["stability"], spec.window, "stability")
     experts = s["experts"]

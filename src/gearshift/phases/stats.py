@@ -37,6 +37,7 @@ class Fit:
         se: Standard error of ``slope`` (0 for a perfect line).
         r2: Coefficient of determination, ``None`` when the losses are all equal.
         cv: Sample standard deviation over ``|mean|``, ``None`` when the mean is 0.
+        noise: Standard deviation of the residuals around the line (the per-step noise).
     """
 
     n: int
@@ -45,6 +46,7 @@ class Fit:
     se: float
     r2: float | None
     cv: float | None
+    noise: float = 0.0
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -112,10 +114,11 @@ def _fit(n: int, cxx: float, cxy: float, cyy: float, mean: float) -> Fit | None:
     cyy = max(cyy, 0.0)
     slope = cxy / cxx
     sse = max(cyy - slope * cxy, 0.0)
-    se = math.sqrt(sse / (n - 2) / cxx)
+    noise = math.sqrt(sse / (n - 2))
+    se = noise / math.sqrt(cxx)
     r2 = min(max(slope * cxy / cyy, 0.0), 1.0) if cyy > 0.0 else None
     cv = math.sqrt(cyy / (n - 1)) / abs(mean) if mean != 0.0 else None
-    return Fit(n=n, mean=mean, slope=slope, se=se, r2=r2, cv=cv)
+    return Fit(n=n, mean=mean, slope=slope, se=se, r2=r2, cv=cv, noise=noise)
 
 
 class RollingFit:

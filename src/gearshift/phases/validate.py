@@ -64,7 +64,7 @@ def _parse(raw: Any) -> tuple[SchemaModel | None, list[Problem]]:
     if raw is None:
         return None, []
     if isinstance(raw, (PhasesConfig, LoraTrainerPhasesConfig)):
-        raw = raw.model_dump()  # a model built in code still gets the cross-field checks
+        raw = raw.model_dump(by_alias=True)  # a model built in code gets the cross-field checks
     if not isinstance(raw, Mapping):
         return None, [Problem(PREFIX, f"must be a mapping (the phases section), got "
                                       f"{type(raw).__name__}")]
@@ -232,10 +232,12 @@ def _pydantic_problems(exc: ValidationError, cls: type[BaseModel]) -> list[Probl
             msg = f"unknown key{did_you_mean(loc[-1], allowed)}"
             if allowed:
                 msg += f"; valid keys here: {', '.join(sorted(allowed))}"
+        elif err["type"] == "missing":
+            msg = f"required key '{loc[-1]}' is missing"
+            if loc[-1] == "alpha" and "conv_alpha_phases" in loc:
+                msg += " (every phase needs its conv LoRA alpha, e.g. alpha: 8)"
         else:
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] != "missing":
-                msg += f" (got {err.get('input')!r})"
+            msg = err["msg"].removeprefix("Value error, ") + f" (got {err.get('input')!r})"
         problems.append(Problem(path, msg))
     return problems
 
@@ -253,7 +255,9 @@ def _fields_at(cls: type[BaseModel], loc: Iterable[str]) -> list[str]:
         else:
             return []
     ann = _unwrap(ann)
-    return list(ann.model_fields) if isinstance(ann, type) and issubclass(ann, BaseModel) else []
+    if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        return []
+    return [f.alias or name for name, f in ann.model_fields.items()]
 
 
 def _unwrap(ann: Any) -> Any:

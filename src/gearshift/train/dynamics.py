@@ -18,6 +18,7 @@ from torch import nn
 from gearshift.config import Config
 from gearshift.config.loader import phases_with_lora_groups
 from gearshift.phases import PhaseScheduler, build_phase_scheduler
+from gearshift.phases.rules import summary
 from gearshift.signals import GradientSignTracker, reduce_signal
 from gearshift.train.logger import RunLogger
 
@@ -83,7 +84,7 @@ class PhaseDriver:
                 self.logger.log_event(step, "phase_transition", **{
                     k: v for k, v in record.items() if k != "step"}, alphas=self.alphas)
             self.say(f"phase {record['from_phase']} -> {record['to_phase']} at step {step} "
-                     f"after {record['steps_in_phase']} steps ({_why(record)}); "
+                     f"after {record['steps_in_phase']} steps ({summary(record)}); "
                      f"alpha {_fmt(record['from_alpha'])} -> {_fmt(record['to_alpha'])}")
         metrics: dict[str, Any] = {"phase": self.controller.current_phase.name,
                                    "phase/index": self.controller.phase_index}
@@ -125,19 +126,6 @@ class PhaseDriver:
                          f"{self.controller.steps_in_phase} steps in")
         self.apply()
         return notes
-
-
-_DECIDING = {"improvement_rate": "<", "rising_rate": "<", "cv": "<=", "r2": ">=",
-             "gradient_stability": ">="}
-
-
-def _why(record: dict[str, Any]) -> str:
-    """The numbers that decided a transition, in one short clause."""
-    parts = [f"{c['criterion']} {c['value']:.3g} {_DECIDING[c['criterion']]} {c['threshold']:.3g}"
-             for c in record.get("criteria") or []
-             if c.get("criterion") in _DECIDING and c.get("result") == "pass"
-             and isinstance(c.get("value"), int | float) and c.get("threshold") is not None]
-    return f"{record['reason']}: {', '.join(parts)}" if parts else str(record["reason"])
 
 
 def _fmt(alpha: Any) -> str:
