@@ -115,10 +115,13 @@ class PhaseLRScale:
         if not self.active or optimizer is None:
             return
         scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+        if isinstance(scheduler, GearshiftLR):
+            scheduler.set_scale("phase", scale)  # the LR's one writer; saved in its state
+            return
         groups = optimizer.param_groups
         if scheduler is None:
             bases = [float(g.setdefault(BASE_LR_KEY, float(g["lr"]))) for g in groups]
-        elif isinstance(scheduler, GearshiftLR | LambdaLR):
+        elif isinstance(scheduler, LambdaLR):
             bases = [float(lr) for lr in scheduler.get_last_lr()]
         else:
             if not self._warned:

@@ -18,6 +18,7 @@ from torch import nn
 from gearshift.config import Config
 from gearshift.config.loader import phases_with_lora_groups
 from gearshift.phases import PhaseScheduler, build_phase_scheduler
+from gearshift.schedules import GearshiftLR
 from gearshift.signals import GradientSignTracker, reduce_signal
 from gearshift.train.logger import RunLogger
 
@@ -30,12 +31,13 @@ class PhaseDriver:
     With no ``phases`` section (or ``enabled: false``) it does nothing and saves nothing.
     """
 
-    def __init__(self, config: Config, model: nn.Module, logger: RunLogger | None,
-                 say: Callable[[str], None]) -> None:
+    def __init__(self, config: Config, model: nn.Module, scheduler: GearshiftLR,
+                 logger: RunLogger | None, say: Callable[[str], None]) -> None:
         rank = config.lora.r if config.lora.enabled else None
         phases = phases_with_lora_groups(config.phases, config.lora.groups)
         self.controller: PhaseScheduler | None = build_phase_scheduler(phases, rank=rank)
         self.model = model
+        self.scheduler = scheduler
         self.lora = config.lora.enabled
         self.logger = logger
         self.say = say
@@ -55,9 +57,10 @@ class PhaseDriver:
         return self.controller.current_lr_scale if self.controller is not None else 1.0
 
     def apply(self) -> None:
-        """Put the current phase's alphas into the LoRA layers."""
+        """Put the current phase's alphas into the LoRA layers and its LR scale in force."""
         if self.controller is None:
             return
+        self.scheduler.set_scale("phase", self.controller.current_lr_scale)
         if self.lora:
             from gearshift.lora import apply_phase_alpha
 

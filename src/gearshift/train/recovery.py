@@ -14,7 +14,6 @@ attempt, so ``[6, 6, 6]`` fails step 6 three times in a row (enough to trigger a
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,27 +123,21 @@ class RecoveryMixin:
                 f"{n} non-finite steps in a row at step {self.step} after {self.rollbacks} "
                 f"rollback(s) (recovery.max_rollbacks={rec.max_rollbacks}); lower the learning "
                 "rate or check the data, then resume from the last good checkpoint")
-        factor_in_force = self.lr_factor
+        factor_in_force = self.scheduler.scale("rollback")
         found, _ = self._load_newest(self.ckpt)
         if found is None:
             raise TrainingDiverged(
                 f"{n} non-finite steps in a row at step {self.step} and no checkpoint to roll "
                 "back to; lower the learning rate or checkpoint more often (checkpoint.every)")
         path = found[0]
-        saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.rollbacks += 1
         self.consecutive_nonfinite = 0
-        # The checkpoint's base LRs carry its own factor; move them to the new one.
-        self.lr_factor = factor_in_force * rec.rollback_lr_factor
-        ratio = self.lr_factor / float(saved.get("lr_factor", 1.0))
-        self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = group.get("initial_lr", group["lr"]) * ratio
-        self.scheduler._apply_lr()
-        self._apply_lr_scale()
+        # The checkpoint's schedule carries the factor of its own time; the new one compounds
+        # the factor in force when the run diverged.
+        lr_factor = factor_in_force * rec.rollback_lr_factor
+        self.scheduler.set_scale("rollback", lr_factor)
         self.logger.truncate_after(self.step)
         self.logger.log_event(self.step, "rollback", checkpoint=str(path), reason=f"{n} "
-                              "non-finite steps in a row", lr_factor=self.lr_factor)
+                              "non-finite steps in a row", lr_factor=lr_factor)
         self._print(f"{n} non-finite steps in a row: rolled back to {path.name} with the LR "
-                    f"scaled by {self.lr_factor:g}")
-
+                    f"scaled by {lr_factor:g}")

@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch.optim import Optimizer
-
 from gearshift.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from gearshift.errors import CheckpointError
 from gearshift.schedules import GearshiftLR, ScheduleStateError
@@ -26,8 +24,7 @@ from gearshift.train.dynamics import SIGNS
 STATE_VERSION = 1
 
 
-def restore_schedule(scheduler: GearshiftLR, state: dict[str, Any],
-                     optimizer: Optimizer) -> list[str]:
+def restore_schedule(scheduler: GearshiftLR, state: dict[str, Any]) -> list[str]:
     """Load the schedule state, or move the config's schedule to the saved position."""
     try:
         scheduler.load_state_dict(state)
@@ -35,15 +32,11 @@ def restore_schedule(scheduler: GearshiftLR, state: dict[str, Any],
     except ScheduleStateError as exc:
         note = (f"schedule differs from the checkpoint's ({exc}); continuing the config's "
                 f"schedule from step {state.get('last_epoch')}")
-    scheduler.last_epoch = int(state["last_epoch"])
-    scheduler.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-    if scheduler.plateau is not None and isinstance(state.get("plateau"), dict):
-        try:
-            scheduler.plateau.load_state_dict(state["plateau"])
-        except (ValueError, KeyError):
-            note += "; plateau counters start fresh"
-    scheduler._apply_lr()
-    return [note]
+    try:
+        fresh = scheduler.continue_from(state)
+    except ScheduleStateError as exc:
+        raise CheckpointError(f"the checkpoint's schedule state cannot be used: {exc}") from None
+    return ["; ".join([note, *fresh])]
 
 
 class ResumeMixin:
@@ -86,7 +79,6 @@ class ResumeMixin:
             except CheckpointError as exc:
                 skipped.append(f"{path.name}: {exc}")
                 continue
-            self._apply_lr_scale()
             return (path, notes), skipped
         return None, skipped
 
@@ -110,7 +102,6 @@ class ResumeMixin:
             "callbacks": self.callbacks.state_dict(),
             "initial_eval": self.initial_eval,
             "micro_limit": self.micro_limit,
-            "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
             **self.dynamics.json_state(),
         }
@@ -131,12 +122,11 @@ class ResumeMixin:
         if state.get("total_steps") != self.total_steps:
             notes.append(f"run length {self.total_steps} steps from the config "
                          f"(the checkpoint's run planned {state.get('total_steps')})")
-        notes.extend(restore_schedule(self.scheduler, state["schedule"], self.optimizer))
+        notes.extend(restore_schedule(self.scheduler, state["schedule"]))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.initial_eval = state.get("initial_eval")
         self.micro_limit = state.get("micro_limit")
-        self.lr_factor = float(state.get("lr_factor", 1.0))
         self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))
         if state.get("scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])

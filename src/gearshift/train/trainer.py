@@ -97,7 +97,6 @@ class Trainer(ResumeMixin, RecoveryMixin):
         self.consecutive_nonfinite = 0
         self.oom_skips = 0
         self.rollbacks = 0
-        self.lr_factor = 1.0
         self.run_dir: Path | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -120,7 +119,6 @@ class Trainer(ResumeMixin, RecoveryMixin):
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.dynamics = PhaseDriver(cfg, self.raw_model, None, self._print)
         self._nan_pending = Counter(cfg.faults.nan_at_steps)
         if cfg.faults.oom_when_batch_above is not None:
             install_oom_fault(self.raw_model, cfg.faults.oom_when_batch_above)
@@ -135,6 +133,7 @@ class Trainer(ResumeMixin, RecoveryMixin):
                                     min_lr_ratio=s.min_lr_ratio,
                                     warmup_start_factor=s.warmup_start_factor, **s.options)
         self.scheduler = build_lr_scheduler(self.optimizer, s.name, **self.schedule_kwargs)
+        self.dynamics = PhaseDriver(cfg, self.raw_model, self.scheduler, None, self._print)
 
         if self._run_dir_arg is None and self.resume_from is not None:
             self._run_dir_arg = self.resume_from
@@ -246,7 +245,6 @@ class Trainer(ResumeMixin, RecoveryMixin):
         phase_metrics = self.dynamics.after_step(self.step, step_loss, stability)
         if self.config.schedule.interval == "step":
             self.scheduler.step()
-        self._apply_lr_scale()
         return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **phase_metrics}
 
     def _backward_window(self, window: list[Any], scale: float, inject_nan: bool,
@@ -272,15 +270,6 @@ class Trainer(ResumeMixin, RecoveryMixin):
         """This process's own loss of the last step (before the cross-rank reduction)."""
         total, units = self._local
         return float(total) / max(units, 1)
-
-    def _apply_lr_scale(self) -> None:
-        # The phase's LR scale multiplies the closed-form schedule; re-applied after every step
-        # because the scheduler recomputes the LR from its base each time.
-        scale = self.dynamics.lr_scale
-        if scale != 1.0:
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(),
-                                 strict=True):
-                group["lr"] = lr * scale
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
