@@ -52,9 +52,9 @@ from gearshift.integrations._common import (
     lora_target,
 )
 from gearshift.phases import PhaseScheduler
-from gearshift.train.dynamics import PhaseDriver
 from gearshift.schedules import GearshiftLR, ScheduleError, build_schedule
 from gearshift.signals import GradientSignTracker, reduce_signal, resolve_loss
+from gearshift.train.dynamics import PhaseDriver
 
 __all__ = [
     "GradientSignCallback",
