@@ -4,6 +4,7 @@ the newest one that verifies and fits, export the final model, and fail clearly 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from gearshift.transforms import TransformChain
 STORAGE_ERRORS = (OSError, SafetensorError)
 
 
+@dataclass
 class Checkpoints:
     """Saving and loading one run's checkpoints.
 
@@ -38,18 +40,19 @@ class Checkpoints:
         say: Prints one line for the user.
     """
 
-    def __init__(self, directory: Path, config: CheckpointConfig, state: TrainState,
-                 accelerator: Accelerator, model: nn.Module, optimizer: Optimizer,
-                 transforms: TransformChain, say: Callable[[str], None]) -> None:
-        self.manager = CheckpointManager(directory, keep_last=config.keep_last)
-        self.config = config
-        self.state = state
-        self.accelerator = accelerator
-        self.model = model
-        self.optimizer = optimizer
-        self.transforms = transforms
-        self.say = say
-        self.logger: RunLogger | None = None
+    directory: Path
+    config: CheckpointConfig
+    state: TrainState
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: Optimizer
+    transforms: TransformChain
+    say: Callable[[str], None]
+    #: Where events go once the run's logger exists (set by the trainer).
+    logger: RunLogger | None = None
+
+    def __post_init__(self) -> None:
+        self.manager = CheckpointManager(self.directory, keep_last=self.config.keep_last)
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self.logger is not None:

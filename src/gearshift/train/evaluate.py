@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from gearshift.train.stream import BatchStream
 from gearshift.train.task import Task
 
 
+@dataclass
 class Evaluator:
     """Runs a task's :meth:`~gearshift.train.task.Task.evaluate` with the loop's machinery.
 
@@ -27,14 +29,12 @@ class Evaluator:
         recovery: Shrinks the batch after an out-of-memory error.
     """
 
-    def __init__(self, model: nn.Module, task: Task, accelerator: Accelerator, batch_size: int,
-                 collate_fn: Callable[[list[Any]], Any] | None, recovery: Recovery) -> None:
-        self.model = model
-        self.task = task
-        self.accelerator = accelerator
-        self.batch_size = batch_size
-        self.collate_fn = collate_fn
-        self.recovery = recovery
+    model: nn.Module
+    task: Task
+    accelerator: Accelerator
+    batch_size: int
+    collate_fn: Callable[[list[Any]], Any] | None
+    recovery: Recovery
 
     def __call__(self, eval_data: Sequence[Any] | None) -> dict[str, float]:
         """The task's evaluation of ``eval_data`` ({} without data); the model is left in

@@ -90,28 +90,32 @@ class Recovery:
     def retry(self, attempt: Callable[[], torch.Tensor], window: list[Any],
               optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
         """Run ``attempt`` until it fits in memory; None when the step has to be skipped."""
-        while True:
-            try:
-                return attempt()
-            except Exception as exc:
-                if not (self.config.oom and is_oom(exc)):
-                    raise
-                optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed try
-                if not self._shrink(window, exc):
-                    return None
+        # A failed try leaves partial gradients behind: drop them before the next one.
+        return self._until_it_fits(attempt, window, None,
+                                   lambda: optimizer.zero_grad(set_to_none=True))
 
     def retry_eval(self, attempt: Callable[[], torch.Tensor], batch: Any) -> torch.Tensor:
         """Run one evaluation ``attempt`` until it fits in memory."""
+        out = self._until_it_fits(attempt, [batch], "evaluation")
+        if out is None:
+            raise TrainingDiverged(
+                "evaluation runs out of memory with one sample per forward pass; "
+                "lower data.max_eval_sequences or data.seq_len, or use bf16")
+        return out
+
+    def _until_it_fits(self, attempt: Callable[[], torch.Tensor], window: list[Any],
+                       during: str | None, drop: Callable[[], None] | None = None,
+                       ) -> torch.Tensor | None:
         while True:
             try:
                 return attempt()
             except Exception as exc:
                 if not (self.config.oom and is_oom(exc)):
                     raise
-                if not self._shrink([batch], exc, during="evaluation"):
-                    raise TrainingDiverged(
-                        "evaluation runs out of memory with one sample per forward pass; "
-                        "lower data.max_eval_sequences or data.seq_len, or use bf16") from None
+                if drop is not None:
+                    drop()
+                if not self._shrink(window, exc, during):
+                    return None
 
     def _shrink(self, window: list[Any], exc: BaseException, during: str | None = None) -> bool:
         """Halve the micro-batch after an OOM; False when one sample is already too big."""
