@@ -170,19 +170,18 @@ _DECIDING = {"improvement_rate": "<", "rising_rate": "<", "cv": "<=", "r2": ">="
 def transition_line(record: Mapping[str, Any]) -> str:
     """One line describing a transition record of ``PhaseScheduler.transition_history``.
 
+    The same line in the trainer, the Lightning and the Hugging Face callbacks; the LR scale of
+    the new phase is in the ``phase_transition`` event (and the logged LR), not in the line.
+
     Example:
         >>> transition_line({"from_phase": "a", "to_phase": "b", "step": 70,
         ...                  "steps_in_phase": 70, "reason": "max_steps",
         ...                  "from_alpha": 8.0, "to_alpha": 16.0})
         'phase a -> b at step 70 after 70 steps (max_steps); alpha 8 -> 16'
     """
-    line = (f"phase {record['from_phase']} -> {record['to_phase']} at step {record['step']} "
+    return (f"phase {record['from_phase']} -> {record['to_phase']} at step {record['step']} "
             f"after {record['steps_in_phase']} steps ({_why(record)}); "
             f"alpha {_fmt(record['from_alpha'])} -> {_fmt(record['to_alpha'])}")
-    before, after = record.get("from_lr_scale", 1.0), record.get("to_lr_scale", 1.0)
-    if before != after:
-        line += f"; lr scale {_fmt(before)} -> {_fmt(after)}"
-    return line
 
 
 def _why(record: Mapping[str, Any]) -> str:
