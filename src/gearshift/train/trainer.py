@@ -65,7 +65,7 @@ class Trainer:
         collate_fn: merges samples into a batch (default: torch's ``default_collate``).
         audit: where each non-default config value came from (``overrides.json``).
         task: the :class:`~gearshift.train.task.Task` defining loss, evaluation and task state
-            (default: ``loss_fn`` as a task).
+            (default: ``loss_fn`` as a task; give one or the other).
         transforms: the model transforms (default: those the config enables, e.g. LoRA).
 
     Example:
@@ -80,6 +80,9 @@ class Trainer:
                  tokenizer: Any = None, collate_fn: Callable[[list[Any]], Any] | None = None,
                  audit: dict[str, Any] | None = None, task: Task | None = None,
                  transforms: TransformChain | None = None) -> None:
+        if task is not None and loss_fn is not None:
+            raise TypeError("pass either loss_fn or task to the Trainer, not both: a task "
+                            "defines its own loss")
         self.config = config if isinstance(config, Config) else load_config(config)
         self.model = model
         self.train_data = train_data
