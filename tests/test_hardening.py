@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import types
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, is_hypothesis_test, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
@@ -42,6 +43,8 @@ from gearshift.phases.schema import LoraTrainerPhasesConfig, PhasesConfig
 
 TRIED: Counter[str] = Counter()
 VALID: Counter[str] = Counter()
+#: Inputs counted, per test function (over all its cases and examples).
+COUNTED: dict[str, Counter[str]] = {}
 
 # GEARSHIFT_FUZZ_SCALE=10 multiplies every example budget for a deeper (slower) search.
 SCALE = max(1, int(os.environ.get("GEARSHIFT_FUZZ_SCALE", "1")))
@@ -920,8 +923,38 @@ def test_empty_model_dir_with_auto_tokenizer_lists_what_is_missing(
 # =============================================================================== figures
 
 
-def test_print_inputs_tried(capsys: pytest.CaptureFixture[str]) -> None:
-    """Prints how many inputs of each kind this module tried (for the README's figures)."""
+@pytest.fixture(autouse=True)
+def _count_inputs_per_test(request: pytest.FixtureRequest) -> Any:
+    """Charges the inputs each test adds to ``TRIED`` to that test (all its examples / cases)."""
+    before = Counter(TRIED)
+    yield
+    COUNTED.setdefault(request.node.originalname, Counter()).update(TRIED - before)
+
+
+def test_print_inputs_tried(request: pytest.FixtureRequest,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Checks and prints how many inputs of each kind this module tried (the README's figures).
+
+    Every input counted was counted by a test of this module; every fuzz test that ran tried at
+    least half its example budget (hypothesis stops early only when its search space runs out,
+    and a few examples end before the input is built); no kind accepted more inputs than it
+    tried; and every test that counts inputs of some kind counted at least one per case.
+    """
+    module = sys.modules[__name__]
+    ran = {item.originalname for item in request.session.items
+           if item.module is module and item.originalname != request.node.originalname}
+    assert sum(sum(c.values()) for c in COUNTED.values()) == sum(TRIED.values())
+    for kind, n in TRIED.items():
+        assert 0 <= VALID[kind] <= n, kind
+    for name in sorted(ran):
+        test = getattr(module, name)
+        counted = sum(COUNTED.get(name, Counter()).values())
+        if is_hypothesis_test(test):
+            budget = test._hypothesis_internal_use_settings.max_examples
+            assert counted >= budget // 2, f"{name} tried {counted} of {budget} inputs"
+        cases = sum(1 for item in request.session.items if item.originalname == name)
+        if counted:
+            assert counted >= cases, f"{name} counted {counted} inputs over {cases} cases"
     with capsys.disabled():
         print("\ninputs tried: " + ", ".join(
             f"{k} {n}" + (f" ({VALID[k]} accepted)" if VALID[k] else "")

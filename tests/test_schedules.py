@@ -453,7 +453,8 @@ def test_plateau_state_mid_cooldown_is_explicit(tmp_path: Any) -> None:
 
 def test_state_dict_is_not_a_dunder_dict_dump() -> None:
     state = build_lr_scheduler(two_group_optimizer(), "linear", total_steps=5).state_dict()
-    assert set(state) == {"version", "name", "params", "last_epoch", "base_lrs", "plateau"}
+    assert set(state) == {"version", "name", "params", "last_epoch", "base_lrs", "plateau",
+                          "scales"}
     assert state["params"] == {
         "total_steps": 5,
         "warmup_steps": 0,

@@ -17,13 +17,13 @@ from gearshift.errors import (
     GearshiftError,
     ModelError,
 )
+from gearshift.run import train
 from gearshift.train import (
     Callback,
     RunResult,
     Trainer,
     TrainingDiverged,
     TrainingInterrupted,
-    train,
 )
 
 __version__ = "0.1.0"

@@ -37,14 +37,14 @@ def _resolve(args: argparse.Namespace, flags: dict[str, tuple[str, object]]) -> 
 
 
 def cmd_train(resolved: Resolved) -> int:
-    from gearshift.train import train
+    from gearshift.run import train
 
     return _report(lambda: train(resolved.config, audit=resolved.audit))
 
 
 def cmd_resume(run_dir: Path, sets: list[str]) -> int:
     from gearshift.config import read_config_file
-    from gearshift.train import train
+    from gearshift.run import train
 
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a directory; give the run directory printed by "

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gearshift.config.extensions import CHECKS, TASK_REGISTRY, task_sections
 from gearshift.config.schema import Config
 from gearshift.errors import ConfigError, Problem, dedupe_problems, did_you_mean
 from gearshift.schedules import schedule_options
@@ -269,12 +270,9 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[Problem]:
             train.get("eval_every") is None:
         out.append(Problem("training.eval_every", "the plateau schedule reacts to evaluations; "
                            "set training.eval_every (e.g. 50)"))
-    phases = raw.get("phases") if isinstance(raw, Mapping) else None
-    if isinstance(phases, Mapping):
-        from gearshift.phases import validate_phases_config
-
-        groups = _section(raw, "lora").get("groups")
-        out.extend(validate_phases_config(phases_with_lora_groups(phases, groups)))
+    out.extend(_task_problems(raw))
+    for check in CHECKS:
+        out.extend(check(raw))
     source, paths = data.get("source"), data.get("paths")
     if source in ("text", "jsonl") and not paths:
         out.append(Problem("data.paths", f"data.source is {source!r} but no files are given"))
@@ -315,15 +313,29 @@ def _schedule_option_problems(name: str, options: dict[str, Any], max_steps: Any
     return []
 
 
-def phases_with_lora_groups(phases: Any, groups: Any) -> Any:
-    """The ``phases`` section with ``lora.groups`` as its group patterns, when it has none.
-
-    LoRA groups are declared once, under ``lora.groups``; the controller uses the same ones.
-    """
-    if (isinstance(phases, Mapping) and isinstance(groups, Mapping) and groups
-            and "phases" in phases and not phases.get("groups")):
-        return {**phases, "groups": {"patterns": dict(groups)}}
-    return phases
+def _task_problems(raw: Mapping[str, Any]) -> list[Problem]:
+    """The task name, the sections of registered tasks, and unknown top-level keys."""
+    if not isinstance(raw, Mapping):
+        return []
+    out: list[Problem] = []
+    task = raw.get("task", "lm")
+    if TASK_REGISTRY and isinstance(task, str) and task not in TASK_REGISTRY:
+        out.append(Problem("task", f"unknown task {task!r}{did_you_mean(task, TASK_REGISTRY)}; "
+                           f"valid tasks: {', '.join(sorted(TASK_REGISTRY))}"))
+    sections = task_sections()
+    allowed = [*Config.model_fields, *sections]
+    for key, value in raw.items():
+        if key in Config.model_fields:
+            continue
+        if key not in sections:
+            out.append(Problem(str(key), f"unknown key{did_you_mean(str(key), allowed)}; valid "
+                               f"keys here: {', '.join(sorted(allowed))}"))
+            continue
+        try:
+            sections[key].model_validate({} if value is None else value)
+        except ValidationError as exc:
+            out.extend(Problem(f"{key}.{p.path}", p.message) for p in _pydantic_problems(exc))
+    return out
 
 
 def config_to_yaml(config: Config) -> str:

@@ -211,8 +211,16 @@ class FaultsConfig(Section):
 
 
 class Config(Section):
-    """The whole run configuration."""
+    """The whole run configuration.
 
+    Top-level keys other than the fields below are the sections of registered tasks
+    (``config.<task name>``); validation rejects any other unknown key.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    task: str = Field("lm", min_length=1, description="what the run trains: a name in "
+                      "gearshift.tasks.TASKS (lm = causal language modelling)")
     name: str = Field("default", min_length=1, description="run name (prefix of the run dir)")
     seed: int = Field(1234, ge=0, description="seeds weights, data order and every RNG")
     output_dir: str = Field("runs", description="parent of run directories")

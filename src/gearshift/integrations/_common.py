@@ -1,15 +1,15 @@
-"""What the Lightning and Hugging Face integrations share.
+"""What the Lightning and Hugging Face integrations share besides the phase driving itself
+(:class:`gearshift.train.dynamics.PhaseDriver`, shared with the gearshift trainer).
 
 Building the controller from a config or taking a ready one, finding the LoRA layers of a model,
 putting the phase's alphas into them, and applying the phase's LR scale on top of a closed-form
-LR scheduler.
+LR scheduler (a gearshift scheduler is asked through ``set_scale``; it is the LR's one writer).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,31 +60,14 @@ def lora_target(module: nn.Module) -> nn.Module | None:
     return module if next(iter(lora_layers(module)), None) is not None else None
 
 
-def apply_alphas(target: nn.Module | None, controller: PhaseScheduler) -> dict[str, float]:
-    """Put the current phase's alphas into ``target``'s LoRA layers; return ``{group: alpha}``.
+def lora_alphas(target: nn.Module | None, controller: PhaseScheduler) -> dict[str, float] | None:
+    """Put the current phase's alphas into ``target``'s LoRA layers; ``{group: alpha}``, or None
+    without LoRA layers (the phase driver then reports the configured alphas)."""
+    if target is None:
+        return None
+    from gearshift.lora import apply_phase_alpha
 
-    Without LoRA layers nothing is changed and the phase's configured alpha is returned (for
-    logging), as ``{"all": alpha}`` or per group.
-    """
-    if target is not None:
-        from gearshift.lora import apply_phase_alpha
-
-        alphas = apply_phase_alpha(target, controller)
-        if alphas:
-            return alphas
-    alpha = controller.current_phase.alpha
-    if isinstance(alpha, Mapping):
-        return {str(k): float(v) for k, v in alpha.items()}
-    return {"all": float(alpha)}
-
-
-def transition_line(record: Mapping[str, Any]) -> str:
-    """One line describing a transition record of ``PhaseScheduler.transition_history``."""
-    return (
-        f"phase {record['from_phase']} -> {record['to_phase']} at step {record['step']} after "
-        f"{record['steps_in_phase']} steps ({record['reason']}); alpha {record['from_alpha']} -> "
-        f"{record['to_alpha']}, lr scale {record['from_lr_scale']} -> {record['to_lr_scale']}"
-    )
+    return apply_phase_alpha(target, controller) or None
 
 
 def _set_lr(group: dict[str, Any], value: float) -> None:
@@ -115,10 +98,13 @@ class PhaseLRScale:
         if not self.active or optimizer is None:
             return
         scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+        if isinstance(scheduler, GearshiftLR):
+            scheduler.set_scale("phase", scale)  # the LR's one writer; saved in its state
+            return
         groups = optimizer.param_groups
         if scheduler is None:
             bases = [float(g.setdefault(BASE_LR_KEY, float(g["lr"]))) for g in groups]
-        elif isinstance(scheduler, GearshiftLR | LambdaLR):
+        elif isinstance(scheduler, LambdaLR):
             bases = [float(lr) for lr in scheduler.get_last_lr()]
         else:
             if not self._warned:

@@ -47,14 +47,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from gearshift.errors import CheckpointError, Problem
 from gearshift.integrations._common import (
     PhaseLRScale,
-    apply_alphas,
     build_controller,
+    lora_alphas,
     lora_target,
-    transition_line,
 )
 from gearshift.phases import PhaseScheduler
 from gearshift.schedules import GearshiftLR, ScheduleError, build_schedule
 from gearshift.signals import GradientSignTracker, reduce_signal, resolve_loss
+from gearshift.train.dynamics import PhaseDriver
 
 __all__ = [
     "GradientSignCallback",
@@ -298,8 +298,9 @@ class PhaseSchedulerCallback(Callback):
     def __init__(self, phases_config_or_scheduler: Any, *, rank: int | None = None,
                  log: bool = True) -> None:
         self.controller: PhaseScheduler | None = build_controller(phases_config_or_scheduler, rank)
+        self.driver = PhaseDriver(self.controller,
+                                  say=lambda line: rank_zero_info(f"gearshift: {line}"))
         self.log_metrics = log
-        self.alphas: dict[str, float] = {}
         self.last_loss: float | None = None
         self.last_stability: float | None = None
         self._lr_scale = PhaseLRScale(self.controller)
@@ -311,10 +312,16 @@ class PhaseSchedulerCallback(Callback):
 
     # ------------------------------------------------------------------ applying a phase
 
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.controller is not None
-        self.alphas = apply_alphas(lora_target(pl_module), self.controller)
-        self._apply_lr(trainer)
+    @property
+    def alphas(self) -> dict[str, float]:
+        """``{group: alpha}`` in force."""
+        return self.driver.alphas
+
+    def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        target = lora_target(pl_module)
+        self.driver.set_alphas = lambda controller: lora_alphas(target, controller)
+        self.driver.set_lr_scale = lambda scale: self._apply_lr(trainer)
+        self.driver.apply()
 
     def _apply_lr(self, trainer: pl.Trainer) -> None:
         if self.controller is None or not self._lr_scale.active:
@@ -333,7 +340,7 @@ class PhaseSchedulerCallback(Callback):
         self._signs = next((c for c in trainer.callbacks if isinstance(c, GradientSignCallback)),
                            None)
         if self.controller is not None:
-            self._apply(trainer, pl_module)  # fresh start or resume: the phase in force now
+            self._bind(trainer, pl_module)  # fresh start or resume: the phase in force now
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -372,10 +379,7 @@ class PhaseSchedulerCallback(Callback):
         signs = self._signs
         self.last_stability = (signs.stability if signs is not None
                                and signs.measured_at == step - 1 else None)
-        if self.controller.update(step, loss=self.last_loss,
-                                  gradient_stability=self.last_stability):
-            self._apply(trainer, pl_module)
-            rank_zero_info(f"gearshift: {transition_line(self.controller.transition_history[-1])}")
+        self.driver.update(step, self.last_loss, self.last_stability)
         if self.log_metrics:
             metrics = {"phase/index": float(self.controller.phase_index),
                        **{f"alpha/{g}": a for g, a in self.alphas.items()}}

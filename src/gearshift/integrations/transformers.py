@@ -49,14 +49,14 @@ except ImportError as exc:  # pragma: no cover - transformers is a core dependen
 from gearshift.errors import CheckpointError, ConfigError, Problem
 from gearshift.integrations._common import (
     PhaseLRScale,
-    apply_alphas,
     build_controller,
     config_json,
+    lora_alphas,
     lora_target,
-    transition_line,
 )
 from gearshift.phases import PhaseScheduler
 from gearshift.signals import GradientSignTracker, reduce_signal
+from gearshift.train.dynamics import PhaseDriver
 
 __all__ = ["SIGNS_FILE", "PhaseLossMixin", "PhaseSchedulerTrainerCallback"]
 
@@ -114,7 +114,11 @@ class PhaseSchedulerTrainerCallback(TrainerCallback, ExportableState):
         self.model = model
         self.track_stability = track_stability
         self.tracker: GradientSignTracker | None = None
-        self.alphas: dict[str, float] = {}
+        self.driver = PhaseDriver(
+            self.controller, set_alphas=lambda ctl: lora_alphas(self._target, ctl),
+            set_lr_scale=lambda scale: self._lr_scale.apply(self._optimizer, self._scheduler,
+                                                            scale),
+            say=lambda line: logger.info("gearshift: %s", line))
         self.last_loss: float | None = None
         self.last_stability: float | None = None
         self._config = config_json(phases_config_or_scheduler)
@@ -176,14 +180,12 @@ class PhaseSchedulerTrainerCallback(TrainerCallback, ExportableState):
         assert self.controller is not None
         stability = self._stability[1] if self._stability and self._stability[0] == step else None
         self.last_loss, self.last_stability = loss, stability
-        if self.controller.update(step, loss=loss, gradient_stability=stability):
-            self._apply()
-            logger.info("gearshift: %s", transition_line(self.controller.transition_history[-1]))
+        self.driver.update(step, loss, stability)
 
-    def _apply(self) -> None:
-        assert self.controller is not None
-        self.alphas = apply_alphas(self._target, self.controller)
-        self._lr_scale.apply(self._optimizer, self._scheduler, self.controller.current_lr_scale)
+    @property
+    def alphas(self) -> dict[str, float]:
+        """``{group: alpha}`` in force."""
+        return self.driver.alphas
 
     # ------------------------------------------------------------------ hooks
 
@@ -217,7 +219,7 @@ class PhaseSchedulerTrainerCallback(TrainerCallback, ExportableState):
         # transformers updates stateful_callbacks[name] at each save and fails on a name the
         # resumed checkpoint did not have.
         state.stateful_callbacks.setdefault(name, self.state())
-        self._apply()
+        self.driver.apply()
 
     def _load(self, saved: dict[str, Any] | None, args: TrainingArguments,
               state: TrainerState) -> None:

@@ -1,9 +1,12 @@
 """`GearshiftLR`: a torch LR scheduler whose LR is a closed-form function of its step count.
 
 The LR of every param group after ``k`` calls of :meth:`GearshiftLR.step` is
-``base_lr * schedule.multiplier(k)`` (times the plateau factor for ``plateau``), computed from
-``last_epoch`` each time rather than multiplied onto the previous LR, so there is no float drift
-and a resumed run reproduces the uninterrupted LR sequence exactly.
+``base_lr * schedule.multiplier(k) * plateau factor * named scales`` (the plateau factor for
+``plateau`` only; named scales such as a phase's ``lr_scale`` or a rollback's factor are set with
+:meth:`GearshiftLR.set_scale`), computed from ``last_epoch`` each time rather than multiplied
+onto the previous LR, so there is no float drift and a resumed run reproduces the uninterrupted
+LR sequence exactly. The scheduler is the only writer of the optimizer's ``lr``: anything else
+that wants another LR asks it through ``set_scale`` or ``report``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from gearshift.schedules.plateau import Plateau, PlateauTracker
 from gearshift.schedules.registry import SCHEDULES, build_schedule
 
 STATE_KEYS: tuple[str, ...] = ("version", "name", "params", "last_epoch", "base_lrs", "plateau")
+#: Optional in a saved state (states written before named scales existed have none).
+SCALES_KEY = "scales"
 
 
 def _checked_state(state: object, version: int) -> Mapping[str, Any]:
@@ -56,7 +61,23 @@ def _checked_state(state: object, version: int) -> Mapping[str, Any]:
         for lr in lrs
     ):
         raise ScheduleStateError("scheduler state 'base_lrs' must be a list of finite numbers")
+    _checked_scales(state.get(SCALES_KEY, {}))
     return state
+
+
+def _checked_scales(scales: object) -> dict[str, float]:
+    if not isinstance(scales, Mapping) or not all(
+        isinstance(k, str) and _is_scale(v) for k, v in scales.items()
+    ):
+        raise ScheduleStateError(
+            "scheduler state 'scales' must map names to finite numbers >= 0"
+        )
+    return {str(k): float(v) for k, v in scales.items()}
+
+
+def _is_scale(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
 
 
 class GearshiftLR(LRScheduler):
@@ -64,7 +85,9 @@ class GearshiftLR(LRScheduler):
 
     After ``k`` calls of :meth:`step` (``k = 0`` right after construction) every param group's LR
     is ``base_lr * schedule.multiplier(k)``. For the ``plateau`` schedule the LR is further
-    multiplied by a factor that :meth:`report` lowers when the metric stalls.
+    multiplied by a factor that :meth:`report` lowers when the metric stalls, and every
+    schedule multiplies in the named scales given to :meth:`set_scale` (e.g. ``"phase"`` and
+    ``"rollback"``). All of them are in :meth:`state_dict`.
 
     Args:
         optimizer: The optimizer whose param groups' ``lr`` this scheduler sets.
@@ -88,7 +111,40 @@ class GearshiftLR(LRScheduler):
         # Set before super().__init__, which already computes the step-0 LR.
         self.schedule = schedule
         self.plateau = PlateauTracker(schedule) if isinstance(schedule, Plateau) else None
+        self.scales: dict[str, float] = {}
         super().__init__(optimizer)
+
+    def set_scale(self, name: str, value: float) -> None:
+        """Set the named factor ``name`` of the LR (1 removes it); the new LR applies at once.
+
+        Args:
+            name: What the factor stands for, e.g. ``"phase"`` or ``"rollback"``.
+            value: A finite factor ``>= 0``.
+
+        Raises:
+            ScheduleError: (a ``ValueError``) for a negative or non-finite value.
+
+        Example:
+            >>> import torch
+            >>> from gearshift.schedules import build_lr_scheduler
+            >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+            >>> sched = build_lr_scheduler(opt, "constant", total_steps=8)
+            >>> sched.set_scale("phase", 0.5); opt.param_groups[0]["lr"]
+            0.05
+        """
+        if not _is_scale(value):
+            raise ScheduleError([Problem(f"scale.{name}", f"must be a finite number >= 0, got "
+                                         f"{value!r}")], source="scheduler")
+        value = float(value)
+        if value == 1.0:
+            self.scales.pop(name, None)
+        else:
+            self.scales[name] = value
+        self._apply_lr()
+
+    def scale(self, name: str) -> float:
+        """The named factor ``name`` in force (1 when it was never set)."""
+        return self.scales.get(name, 1.0)
 
     def current_multiplier(self) -> float:
         """Return the factor applied to every base LR at the current step.
@@ -103,6 +159,8 @@ class GearshiftLR(LRScheduler):
         mult = self.schedule.multiplier(max(self.last_epoch, 0))
         if self.plateau is not None:
             mult *= self.plateau.current_factor
+        for name in sorted(self.scales):  # a fixed order: the same float product every time
+            mult *= self.scales[name]
         return mult
 
     def get_lr(self) -> list[float | Tensor]:
@@ -114,7 +172,8 @@ class GearshiftLR(LRScheduler):
         return self.get_lr()
 
     def _apply_lr(self) -> None:
-        # Needed outside step(): report() and load_state_dict() change the LR immediately.
+        # Needed outside step(): report(), set_scale() and load_state_dict() change the LR
+        # immediately.
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             if isinstance(group["lr"], Tensor):
                 group["lr"].fill_(float(lr))
@@ -177,6 +236,7 @@ class GearshiftLR(LRScheduler):
             "last_epoch": int(self.last_epoch),
             "base_lrs": [float(base) for base in self.base_lrs],
             "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            SCALES_KEY: dict(sorted(self.scales.items())),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -223,7 +283,42 @@ class GearshiftLR(LRScheduler):
         self.last_epoch = state["last_epoch"]
         self.base_lrs = base_lrs  # type: ignore[assignment]
         self.plateau = tracker
+        self.scales = _checked_scales(state.get(SCALES_KEY, {}))
         self._apply_lr()
+
+    def continue_from(self, state_dict: Mapping[str, Any]) -> list[str]:
+        """Continue *this* schedule from a saved state of a different one.
+
+        Used when a run is resumed with another schedule (e.g. a raised ``max_steps``): the
+        position, base LRs, named scales and, when both are ``plateau``, the plateau counters
+        come from the state; the shape stays this scheduler's. Returns notes on what started
+        fresh.
+
+        Raises:
+            ScheduleStateError: (a ``ValueError``) when the state is malformed.
+        """
+        state = _checked_state(state_dict, self.STATE_VERSION)
+        base_lrs = [float(lr) for lr in state["base_lrs"]]
+        if len(base_lrs) != len(self.optimizer.param_groups):
+            raise ScheduleStateError(
+                f"scheduler state has {len(base_lrs)} base LRs but the optimizer has "
+                f"{len(self.optimizer.param_groups)} param groups"
+            )
+        notes = []
+        tracker = self.plateau
+        if self.plateau is not None and isinstance(state.get("plateau"), Mapping):
+            tracker = PlateauTracker(self.schedule)  # type: ignore[arg-type]
+            try:
+                tracker.load_state_dict(state["plateau"])
+            except (ValueError, KeyError):
+                tracker = PlateauTracker(self.schedule)  # type: ignore[arg-type]
+                notes.append("plateau counters start fresh")
+        self.last_epoch = int(state["last_epoch"])
+        self.base_lrs = base_lrs  # type: ignore[assignment]
+        self.plateau = tracker
+        self.scales = _checked_scales(state.get(SCALES_KEY, {}))
+        self._apply_lr()
+        return notes
 
     @classmethod
     def from_state_dict(cls, optimizer: Optimizer, state_dict: Mapping[str, Any]) -> GearshiftLR:

@@ -1,6 +1,17 @@
-"""Tasks: what a batch means and what the loss is."""
+"""Tasks: what a run trains and how it is judged, by name.
 
-from gearshift.tasks.base import TokenWeightedLoss
-from gearshift.tasks.lm import CausalLMLoss, build_causal_lm
+``TASKS`` maps a config's ``task:`` name to its :class:`Task` class. Register a new one with
+``TASKS["name"] = MyTask``; the config then accepts ``task: name`` (and, when the class sets
+``config_section``, a top-level ``name:`` section validated with the rest of the config).
+"""
 
-__all__ = ["CausalLMLoss", "TokenWeightedLoss", "build_causal_lm"]
+from gearshift.config.extensions import TASK_REGISTRY
+from gearshift.tasks.base import EvalLoop, LossOutput, Task, TaskParts, TokenWeightedLoss
+from gearshift.tasks.lm import CausalLMLoss, LMTask, build_causal_lm
+
+#: Task name -> class. The same dict the config validates ``task:`` against.
+TASKS = TASK_REGISTRY
+TASKS.setdefault(LMTask.name, LMTask)
+
+__all__ = ["TASKS", "CausalLMLoss", "EvalLoop", "LMTask", "LossOutput", "Task", "TaskParts",
+           "TokenWeightedLoss", "build_causal_lm"]

@@ -1,4 +1,5 @@
-"""The loss protocol the training loop understands."""
+"""The task interface (defined beside the loop that calls it) and the loss protocol of a plain
+``Trainer(..., loss_fn=...)``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from gearshift.train.task import EvalLoop, LossFnTask, LossOutput, Task, TaskParts
+
+__all__ = ["EvalLoop", "LossFnTask", "LossOutput", "Task", "TaskParts", "TokenWeightedLoss"]
 
 
 @runtime_checkable

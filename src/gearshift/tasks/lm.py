@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from gearshift.config import Config
 from gearshift.config.schema import ModelConfig
 from gearshift.errors import ModelError
+from gearshift.train.task import EvalLoop, LossOutput, Task, TaskParts, perplexity
 
 IGNORE_INDEX = -100
 
@@ -122,3 +126,72 @@ class CausalLMLoss:
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
+
+
+class LMTask(Task):
+    """Causal language modelling on the configured corpus: ``model``, ``data`` sections.
+
+    Builds the tokenizer, the packed train / eval sequences and the model (seeded), trains on
+    next-token cross-entropy summed over target tokens, and judges by the token-weighted eval
+    loss and its perplexity.
+    """
+
+    name = "lm"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.loss_fn = CausalLMLoss()
+
+    def build(self) -> TaskParts:
+        from accelerate.utils import set_seed
+
+        from gearshift.data import load_corpus, load_tokenizer
+
+        cfg = self.config
+        if cfg.model.path is not None:
+            check_model_dir(cfg.model.path)  # list what is missing before the tokenizer complains
+        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
+        d = cfg.data
+        corpus = load_corpus(d.source, d.paths, text_field=d.text_field,
+                             messages_field=d.messages_field, on_error=d.on_error)
+        extra = {}
+        if corpus.skipped:
+            print(f"skipped {len(corpus.skipped)} bad data lines (data.on_error: skip); first: "
+                  f"{corpus.skipped[0]}", file=sys.stderr)
+            extra["data/skipped_lines"] = float(len(corpus.skipped))
+        packed = _quiet_pack(corpus.documents, tokenizer, cfg)
+        set_seed(cfg.seed)  # the model's initial weights depend on the seed only
+        model = build_causal_lm(cfg.model, vocab_size=len(tokenizer),
+                                bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        return TaskParts(model, packed.train, packed.eval, tokenizer=tokenizer,
+                         result_metrics=extra)
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput:
+        return LossOutput(self.loss_fn(model, batch))
+
+    def units(self, batch: Any) -> int:
+        return self.loss_fn.units(batch)
+
+    def evaluate(self, model: nn.Module, eval_data: Sequence[Any], loop: EvalLoop,
+                 ) -> dict[str, float]:
+        metrics = super().evaluate(model, eval_data, loop)
+        metrics["eval/ppl"] = perplexity(metrics["eval/loss"])
+        return metrics
+
+
+def _quiet_pack(documents: list[str], tokenizer: Any, cfg: Config) -> Any:
+    from datasets.utils import logging as ds_logging
+
+    from gearshift.data import pack_documents
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        return pack_documents(documents, tokenizer, seq_len=cfg.data.seq_len,
+                              eval_fraction=cfg.data.eval_fraction,
+                              max_eval_sequences=cfg.data.max_eval_sequences, seed=cfg.seed)
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()

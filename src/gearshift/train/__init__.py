@@ -1,8 +1,10 @@
-"""The training loop on Hugging Face Accelerate, and the built-in ``train(config)`` entry point."""
+"""The training loop on Hugging Face Accelerate; it knows tasks and transforms only through
+their interfaces (``gs.train(config)``, which picks a task, lives in :mod:`gearshift.run`)."""
 
-from gearshift.train.api import train
 from gearshift.train.callbacks import Callback
 from gearshift.train.interrupt import TrainingDiverged, TrainingInterrupted
+from gearshift.train.task import LossOutput, Task, TaskParts
 from gearshift.train.trainer import RunResult, Trainer
 
-__all__ = ["Callback", "RunResult", "Trainer", "TrainingDiverged", "TrainingInterrupted", "train"]
+__all__ = ["Callback", "LossOutput", "RunResult", "Task", "TaskParts", "Trainer",
+           "TrainingDiverged", "TrainingInterrupted"]

@@ -5,24 +5,28 @@ micro-batches (halving down to one sample), so no sample is skipped and the upda
 without the error to float tolerance; the smaller size is kept for later steps. Only when a single
 sample does not fit is the step skipped.
 
-Fault injection (for tests and drills, settable with ``--set``): ``faults.oom_when_batch_above: N``
-raises a genuine ``torch.OutOfMemoryError`` whenever a forward pass receives more than ``N``
-samples; ``faults.nan_at_steps: [..]`` makes the loss of those optimizer steps NaN — each entry spoils one
-attempt, so ``[6, 6, 6]`` fails step 6 three times in a row (enough to trigger a rollback).
+Non-finite steps: the step is skipped (no update; neither the schedule nor the phase statistics
+count it); after ``recovery.max_consecutive_nonfinite`` in a row the run rolls back to the newest
+valid checkpoint with the LR scaled by ``recovery.rollback_lr_factor`` (the scheduler's
+``rollback`` scale), or stops with a clear message.
+
+The fault injection used to drill all this is in :mod:`gearshift.train.faults`.
 """
 
 from __future__ import annotations
 
 import gc
-import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from gearshift.config.schema import RecoveryConfig
 from gearshift.train import setup
 from gearshift.train.interrupt import TrainingDiverged
+from gearshift.train.state import TrainState
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory",
                 "failed to allocate")
@@ -58,93 +62,124 @@ def split_batch(batch: Any, size: int) -> list[Any]:
     return [batch]
 
 
-def _samples_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return int(value.shape[0])
-    return 0
+class Recovery:
+    """The loop's answers to out-of-memory errors and runs of non-finite steps.
 
+    Args:
+        config: The ``recovery`` section.
+        state: The run's :class:`TrainState` (micro-batch limit, counters, scheduler).
+        log_event: Writes one record to ``events.jsonl``.
+        roll_back: Loads the newest valid checkpoint into the run; its path, or None.
+        say: Prints one line for the user.
+    """
 
-def install_oom_fault(model: nn.Module, limit: int) -> torch.utils.hooks.RemovableHandle:
-    """Make ``model``'s forward raise ``torch.OutOfMemoryError`` above ``limit`` samples."""
+    def __init__(self, config: RecoveryConfig, state: TrainState,
+                 log_event: Callable[..., None], roll_back: Callable[[], Path | None],
+                 say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+        self.config = config
+        self.state = state
+        self.log_event = log_event
+        self.roll_back = roll_back
+        self.say = say
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        n = _samples_in(args, kwargs)
-        if n > limit:
-            raise torch.OutOfMemoryError(
-                f"out of memory: a forward pass of {n} samples (injected by "
-                f"faults.oom_when_batch_above={limit})")
+    def pieces(self, batch: Any) -> list[Any]:
+        """The batch cut to the micro-batch limit in force (itself when there is none)."""
+        limit = self.state.micro_limit
+        return [batch] if limit is None else split_batch(batch, limit)
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+    def retry(self, attempt: Callable[[], torch.Tensor], window: list[Any],
+              optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Run ``attempt`` until it fits in memory; None when the step has to be skipped."""
+        # A failed try leaves partial gradients behind: drop them before the next one.
+        return self._until_it_fits(attempt, window, None,
+                                   lambda: optimizer.zero_grad(set_to_none=True))
 
+    def retry_eval(self, attempt: Callable[[], torch.Tensor], batch: Any) -> torch.Tensor:
+        """Run one evaluation ``attempt`` until it fits in memory."""
+        out = self._until_it_fits(attempt, [batch], "evaluation")
+        if out is None:
+            raise TrainingDiverged(
+                "evaluation runs out of memory with one sample per forward pass; "
+                "lower data.max_eval_sequences or data.seq_len, or use bf16")
+        return out
 
-class RecoveryMixin:
-    """The trainer's answers to out-of-memory errors and runs of non-finite steps."""
+    def _until_it_fits(self, attempt: Callable[[], torch.Tensor], window: list[Any],
+                       during: str | None, drop: Callable[[], None] | None = None,
+                       ) -> torch.Tensor | None:
+        while True:
+            try:
+                return attempt()
+            except Exception as exc:
+                if not (self.config.oom and is_oom(exc)):
+                    raise
+                if drop is not None:
+                    drop()
+                if not self._shrink(window, exc, during):
+                    return None
 
-    def _shrink_after_oom(self, window: list[Any], exc: BaseException) -> bool:
-        """Halve the micro-batch after an OOM; False (step skipped) when one sample is too big."""
-        self.optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed attempt
+    def _shrink(self, window: list[Any], exc: BaseException, during: str | None = None) -> bool:
+        """Halve the micro-batch after an OOM; False when one sample is already too big."""
+        s = self.state
         free_memory()
         largest = max(setup.batch_size_of(b) for b in window)
-        current = min(self.micro_limit or largest, largest)
+        current = min(s.micro_limit or largest, largest)
         if current <= 1:
-            self.oom_skips += 1
-            self.logger.log_event(self.step, "oom_skip", error=str(exc)[:300])
-            self._print(f"out of memory on a single sample at step {self.step + 1}: step skipped")
-            if self.oom_skips >= self.config.recovery.max_consecutive_oom_skips:
+            if during is not None:
+                return False
+            s.oom_skips += 1
+            self.log_event(s.step, "oom_skip", error=str(exc)[:300])
+            self.say(f"out of memory on a single sample at step {s.step + 1}: step skipped")
+            if s.oom_skips >= self.config.max_consecutive_oom_skips:
                 raise TrainingDiverged(
-                    f"{self.oom_skips} steps in a row ran out of memory with one sample per "
+                    f"{s.oom_skips} steps in a row ran out of memory with one sample per "
                     "forward pass; lower data.seq_len, use precision bf16 or "
                     "gradient_checkpointing, or a machine with more memory")
             return False
-        self.micro_limit = (current + 1) // 2
-        self.logger.log_event(self.step, "oom_recovery", micro_batch=self.micro_limit,
-                              error=str(exc)[:300])
-        self._print(f"out of memory at step {self.step + 1}: re-running the batch in "
-                    f"micro-batches of {self.micro_limit}")
+        s.micro_limit = (current + 1) // 2
+        where = {} if during is None else {"during": during}
+        self.log_event(s.step, "oom_recovery", micro_batch=s.micro_limit, **where,
+                       error=str(exc)[:300])
+        if during is None:
+            self.say(f"out of memory at step {s.step + 1}: re-running the batch in "
+                     f"micro-batches of {s.micro_limit}")
         return True
 
-    def _shrink_eval_after_oom(self, batch: Any, exc: BaseException) -> bool:
-        """Halve the micro-batch after an OOM in evaluation; False when one sample is too big."""
-        free_memory()
-        current = min(self.micro_limit or setup.batch_size_of(batch), setup.batch_size_of(batch))
-        if current <= 1:
-            return False
-        self.micro_limit = (current + 1) // 2
-        self.logger.log_event(self.step, "oom_recovery", micro_batch=self.micro_limit,
-                              during="evaluation", error=str(exc)[:300])
-        return True
+    def step_done(self) -> None:
+        """A finite step went through: the streaks end."""
+        self.state.consecutive_nonfinite = 0
+        self.state.oom_skips = 0
+
+    def nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Count a skipped non-finite step; roll back after too many in a row."""
+        s = self.state
+        s.consecutive_nonfinite += 1
+        self.log_event(s.step, "nonfinite_skip", loss=loss, grad_norm=grad_norm,
+                       consecutive=s.consecutive_nonfinite)
+        if s.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
+            self._rollback()
 
     def _rollback(self) -> None:
         """Return to the newest valid checkpoint with a lower LR, or stop with a clear message."""
-        rec = self.config.recovery
-        n = self.consecutive_nonfinite
-        if self.rollbacks >= rec.max_rollbacks:
+        rec, s = self.config, self.state
+        n = s.consecutive_nonfinite
+        if s.rollbacks >= rec.max_rollbacks:
             raise TrainingDiverged(
-                f"{n} non-finite steps in a row at step {self.step} after {self.rollbacks} "
+                f"{n} non-finite steps in a row at step {s.step} after {s.rollbacks} "
                 f"rollback(s) (recovery.max_rollbacks={rec.max_rollbacks}); lower the learning "
                 "rate or check the data, then resume from the last good checkpoint")
-        factor_in_force = self.lr_factor
-        found, _ = self._load_newest(self.ckpt)
-        if found is None:
+        factor_in_force = s.scheduler.scale("rollback")
+        path = self.roll_back()
+        if path is None:
             raise TrainingDiverged(
-                f"{n} non-finite steps in a row at step {self.step} and no checkpoint to roll "
+                f"{n} non-finite steps in a row at step {s.step} and no checkpoint to roll "
                 "back to; lower the learning rate or checkpoint more often (checkpoint.every)")
-        path = found[0]
-        saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        self.rollbacks += 1
-        self.consecutive_nonfinite = 0
-        # The checkpoint's base LRs carry its own factor; move them to the new one.
-        self.lr_factor = factor_in_force * rec.rollback_lr_factor
-        ratio = self.lr_factor / float(saved.get("lr_factor", 1.0))
-        self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = group.get("initial_lr", group["lr"]) * ratio
-        self.scheduler._apply_lr()
-        self._apply_lr_scale()
-        self.logger.truncate_after(self.step)
-        self.logger.log_event(self.step, "rollback", checkpoint=str(path), reason=f"{n} "
-                              "non-finite steps in a row", lr_factor=self.lr_factor)
-        self._print(f"{n} non-finite steps in a row: rolled back to {path.name} with the LR "
-                    f"scaled by {self.lr_factor:g}")
-
+        s.rollbacks += 1
+        s.consecutive_nonfinite = 0
+        # The checkpoint's schedule carries the factor of its own time; the new one compounds
+        # the factor in force when the run diverged.
+        lr_factor = factor_in_force * rec.rollback_lr_factor
+        s.scheduler.set_scale("rollback", lr_factor)
+        self.log_event(s.step, "rollback", checkpoint=str(path), reason=f"{n} non-finite "
+                       "steps in a row", lr_factor=lr_factor)
+        self.say(f"{n} non-finite steps in a row: rolled back to {path.name} with the LR "
+                 f"scaled by {lr_factor:g}")

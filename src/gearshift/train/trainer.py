@@ -1,11 +1,10 @@
-"""The training loop: one code path for every precision, task and number of processes."""
+"""The training loop: one code path for every precision, task, transform and number of processes."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -14,28 +13,26 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
-from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
-from gearshift.checkpoint import CheckpointManager
 from gearshift.config import Config, load_config
-from gearshift.errors import CheckpointError
 from gearshift.schedules import build_lr_scheduler
 from gearshift.train import setup
 from gearshift.train.callbacks import Callback, CallbackList
-from gearshift.train.dynamics import SIGNS, PhaseDriver
-from gearshift.train.export import export_final
-from gearshift.train.interrupt import StopRequest, TrainingDiverged, TrainingInterrupted
+from gearshift.train.checkpointing import Checkpoints
+from gearshift.train.dynamics import PhaseDriver
+from gearshift.train.evaluate import Evaluator
+from gearshift.train.faults import install_nan_fault, install_oom_fault
+from gearshift.train.interrupt import StopRequest, TrainingInterrupted
 from gearshift.train.logger import RunLogger
 from gearshift.train.memory import enable_gradient_checkpointing
-from gearshift.train.recovery import RecoveryMixin, install_oom_fault, is_oom, split_batch
-from gearshift.train.resume import ResumeMixin
+from gearshift.train.recovery import Recovery
 from gearshift.train.rundir import create_run_dir, write_run_config
+from gearshift.train.state import TrainState
 from gearshift.train.stream import BatchStream
-
-# safetensors reports I/O failures (disk full, permission denied) with its own error type.
-STORAGE_ERRORS = (OSError, SafetensorError)
+from gearshift.train.task import LossFnTask, Task
+from gearshift.transforms import TransformChain, build_transforms
 
 
 @dataclass
@@ -50,7 +47,7 @@ class RunResult:
     interrupted: bool = False
 
 
-class Trainer(ResumeMixin, RecoveryMixin):
+class Trainer:
     """Trains any ``nn.Module`` with managed schedules, checkpoints and exact resume.
 
     Args:
@@ -66,6 +63,10 @@ class Trainer(ResumeMixin, RecoveryMixin):
         resume_from: a run directory whose newest valid checkpoint to continue from.
         tokenizer: saved beside the model in ``final/`` when given.
         collate_fn: merges samples into a batch (default: torch's ``default_collate``).
+        audit: where each non-default config value came from (``overrides.json``).
+        task: the :class:`~gearshift.train.task.Task` defining loss, evaluation and task state
+            (default: ``loss_fn`` as a task; give one or the other).
+        transforms: the model transforms (default: those the config enables, e.g. LoRA).
 
     Example:
         >>> trainer = Trainer(model, dataset, {"training": {"max_steps": 100}})
@@ -77,12 +78,17 @@ class Trainer(ResumeMixin, RecoveryMixin):
                  eval_data: Sequence[Any] | None = None, callbacks: Iterable[Callback] = (), *,
                  run_dir: str | Path | None = None, resume_from: str | Path | None = None,
                  tokenizer: Any = None, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 audit: dict[str, Any] | None = None) -> None:
+                 audit: dict[str, Any] | None = None, task: Task | None = None,
+                 transforms: TransformChain | None = None) -> None:
+        if task is not None and loss_fn is not None:
+            raise TypeError("pass either loss_fn or task to the Trainer, not both: a task "
+                            "defines its own loss")
         self.config = config if isinstance(config, Config) else load_config(config)
         self.model = model
         self.train_data = train_data
         self.eval_data = eval_data
-        self.loss_fn = loss_fn
+        self.task = task if task is not None else LossFnTask(self.config, loss_fn)
+        self.transforms = transforms if transforms is not None else build_transforms(self.config)
         self.callbacks = CallbackList(callbacks)
         self.tokenizer = tokenizer
         self.collate_fn = collate_fn
@@ -90,135 +96,120 @@ class Trainer(ResumeMixin, RecoveryMixin):
         self._run_dir_arg = Path(run_dir) if run_dir is not None else None
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.should_stop = False
-        self.step = 0
         self._losses_since_eval: list[float] = []
         self._logged_at_resume: tuple[int, set[str]] = (-1, set())
-        self.micro_limit: int | None = None  # set after an OOM: samples per forward pass
-        self.consecutive_nonfinite = 0
-        self.oom_skips = 0
-        self.rollbacks = 0
-        self.lr_factor = 1.0
         self.run_dir: Path | None = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer updates done so far."""
+        return self.state.step
 
     # ------------------------------------------------------------------ set-up
 
     def _setup(self) -> None:
-        cfg = self.config
+        cfg, t = self.config, self.config.training
         set_seed(cfg.seed)
-        self.accelerator = acc = setup.make_accelerator(cfg.training.precision)
+        self.accelerator = acc = setup.make_accelerator(t.precision)
         self.is_main = acc.is_main_process
-        if cfg.lora.enabled:
-            from gearshift.lora import attach_lora
-
-            lc = cfg.lora
-            self.model = attach_lora(self.model, r=lc.r, alpha=lc.alpha,
-                                     target_modules=lc.target_modules, groups=lc.groups,
-                                     use_rslora=lc.use_rslora, dropout=lc.dropout)
-        if cfg.training.gradient_checkpointing:
+        self.model = self.transforms.apply(self.model)
+        if t.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         optimizer = setup.build_optimizer(self.model, cfg)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.dynamics = PhaseDriver(cfg, self.raw_model, None, self._print)
-        self._nan_pending = Counter(cfg.faults.nan_at_steps)
-        if cfg.faults.oom_when_batch_above is not None:
-            install_oom_fault(self.raw_model, cfg.faults.oom_when_batch_above)
-        t = cfg.training
         self.stream = BatchStream(self.train_data, batch_size=t.batch_size,
                                   accumulate=t.accumulate_grad_batches, seed=cfg.seed,
                                   drop_last=t.drop_last, rank=acc.process_index,
                                   world_size=acc.num_processes, collate_fn=self.collate_fn)
-        self.total_steps, length, warmup = setup.schedule_lengths(cfg, self.stream.steps_per_epoch)
+        total_steps, length, warmup = setup.schedule_lengths(cfg, self.stream.steps_per_epoch)
         s = cfg.schedule
-        self.schedule_kwargs = dict(total_steps=length, warmup_steps=warmup,
-                                    min_lr_ratio=s.min_lr_ratio,
-                                    warmup_start_factor=s.warmup_start_factor, **s.options)
-        self.scheduler = build_lr_scheduler(self.optimizer, s.name, **self.schedule_kwargs)
-
-        if self._run_dir_arg is None and self.resume_from is not None:
-            self._run_dir_arg = self.resume_from
-        self.run_dir = self._run_dir_arg
-        if self.run_dir is None:
-            # One run directory for all processes: the main process names it, the others follow.
-            name = [str(create_run_dir(cfg.output_dir, cfg.name)) if self.is_main else None]
-            if acc.num_processes > 1:
-                broadcast_object_list(name)
-            self.run_dir = Path(name[0])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            audit = self.audit if self.audit is not None else {}
-            write_run_config(self.run_dir, cfg, audit)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-        self.samples_seen = 0
-        self.tokens_seen = 0
-        self.initial_eval: dict[str, float] | None = None
-        resumed = self._maybe_resume() if self.resume_from is not None else None
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, s.name, total_steps=length, warmup_steps=warmup,
+            min_lr_ratio=s.min_lr_ratio, warmup_start_factor=s.warmup_start_factor, **s.options)
+        raw = self.raw_model
+        self.dynamics = PhaseDriver(
+            self.transforms.phase_controller(cfg.phases),
+            set_alphas=lambda ctl: self.transforms.set_alphas(raw, ctl),
+            set_lr_scale=lambda scale: self.scheduler.set_scale("phase", scale),
+            log_event=lambda *a, **k: self.logger.log_event(*a, **k), say=self._print,
+            model=raw)
+        self.dynamics.apply()
+        self.state = TrainState(self.stream, self.scheduler, self.dynamics, self.task,
+                                self.callbacks, acc.scaler, seed=cfg.seed, total_steps=total_steps,
+                                schedule_interval=s.interval)
+        self.recovery = Recovery(cfg.recovery, self.state,
+                                 lambda *a, **k: self.logger.log_event(*a, **k),
+                                 self._roll_back, self._print)
+        self.evaluator = Evaluator(self.model, self.task, acc, t.batch_size, self.collate_fn,
+                                   self.recovery)
+        if cfg.faults.oom_when_batch_above is not None:
+            install_oom_fault(self.raw_model, cfg.faults.oom_when_batch_above)
+        if cfg.faults.nan_at_steps:
+            install_nan_fault(self.raw_model, cfg.faults.nan_at_steps,
+                              lambda: (self.state.step + 1, self.state.attempts))
+        self._open_run_dir()
+        self.ckpt = Checkpoints(self.run_dir / "checkpoints", cfg.checkpoint, self.state,
+                                acc, self.raw_model, self.optimizer, self.transforms,
+                                self._print)
+        resumed = self.ckpt.resume(self.resume_from) if self.resume_from is not None else None
         lg = cfg.logging
         self.logger = RunLogger(self.run_dir, tensorboard=lg.tensorboard, wandb=lg.wandb,
                                 wandb_project=lg.wandb_project, run_name=self.run_dir.name,
                                 enabled=self.is_main,
                                 purge_step=self.step + 1 if resumed else None,
                                 config=cfg.model_dump(mode="json"))
-        self.dynamics.logger = self.logger
+        self.ckpt.logger = self.logger
         if resumed is not None:
             self._logged_at_resume = (self.step, self.logger.truncate_after(self.step))
             self.logger.log_event(self.step, "resume", checkpoint=str(resumed[0]),
                                   skipped_corrupt=resumed[1], notes=resumed[2])
         else:
-            self.logger.log_event(0, "start", total_steps=self.total_steps,
+            self.logger.log_event(0, "start", total_steps=total_steps,
                                   steps_per_epoch=self.stream.steps_per_epoch)
 
-    # ------------------------------------------------------------------ steps
+    def _open_run_dir(self) -> None:
+        if self._run_dir_arg is None and self.resume_from is not None:
+            self._run_dir_arg = self.resume_from
+        self.run_dir = self._run_dir_arg
+        if self.run_dir is None:
+            # One run directory for all processes: the main process names it, the others follow.
+            cfg = self.config
+            name = [str(create_run_dir(cfg.output_dir, cfg.name)) if self.is_main else None]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(name)
+            self.run_dir = Path(name[0])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            write_run_config(self.run_dir, self.config, self.audit if self.audit else {})
 
-    def _summed_loss(self, batch: Any) -> torch.Tensor:
-        """The batch's loss summed over its units (see :meth:`_units`)."""
-        fn = self.loss_fn
-        if fn is not None and hasattr(fn, "units"):
-            return fn(self.model, batch)
-        if fn is not None:
-            loss = fn(self.model, batch)
-        else:
-            out = self.model(**batch) if isinstance(batch, Mapping) else self.model(batch)
-            loss = setup.output_loss(out)
-        return loss * setup.batch_size_of(batch)
+    def _roll_back(self) -> Path | None:
+        path = self.ckpt.load_newest()[0]
+        if path is not None:
+            self.logger.truncate_after(self.step)
+        return path
 
-    def _units(self, batch: Any) -> int:
-        fn = self.loss_fn
-        return fn.units(batch) if fn is not None and hasattr(fn, "units") else \
-            setup.batch_size_of(batch)
+    # ------------------------------------------------------------------ the step
 
     def train_step(self, window: list[Any]) -> dict[str, float] | None:
         """One optimizer step over an accumulation window. None when the step was skipped."""
-        acc = self.accelerator
-        local_units = sum(self._units(b) for b in window)
-        total_units = local_units
-        if acc.num_processes > 1:
-            total_units = int(acc.reduce(torch.tensor(local_units, device=acc.device), "sum"))
+        acc, s, t = self.accelerator, self.state, self.config.training
+        local_units, total_units = self._window_units(window)
+        s.attempts += 1
+        s.count_window(window, acc.num_processes)
         # Each micro-batch's summed loss is divided by the units of the *whole* window (all
         # ranks), so accumulation equals one big batch, short last windows included. DDP
         # averages gradients over ranks, hence the world-size factor.
         scale = acc.num_processes / max(total_units, 1)
-        for cpu_batch in window:  # counted once per window, however often it is re-run
-            self.samples_seen += setup.batch_size_of(cpu_batch) * acc.num_processes
-            self.tokens_seen += setup.tokens_of(cpu_batch) * acc.num_processes
-        inject_nan = self._nan_pending[self.step + 1] > 0
-        if inject_nan:
-            self._nan_pending[self.step + 1] -= 1
-        while True:
-            try:
-                loss_sum = self._backward_window(window, scale, inject_nan)
-                break
-            except Exception as exc:
-                if not (self.config.recovery.oom and is_oom(exc)):
-                    raise
-                if not self._shrink_after_oom(window, exc):
-                    return None
+        loss_sum = self.recovery.retry(lambda: self._backward(window, scale), window,
+                                       self.optimizer)
+        if loss_sum is None:
+            return None  # one sample does not fit in memory: skipped
         self._local = (loss_sum.clone(), local_units)  # read lazily: no extra sync per step
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
         step_loss = float(loss_sum) / max(total_units, 1)
-        t = self.config.training
         clip = t.grad_clip or 0.0
         max_norm = clip if t.grad_clip_algorithm == "norm" and clip > 0 else math.inf
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
@@ -227,45 +218,59 @@ class Trainer(ResumeMixin, RecoveryMixin):
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             # Skipped: no update, and neither the schedule nor the phase statistics count it.
             self.optimizer.zero_grad(set_to_none=True)
-            self.consecutive_nonfinite += 1
-            self.logger.log_event(self.step, "nonfinite_skip", loss=step_loss, grad_norm=grad_norm,
-                                  consecutive=self.consecutive_nonfinite)
-            if self.consecutive_nonfinite >= self.config.recovery.max_consecutive_nonfinite:
-                self._rollback()
+            self.recovery.nonfinite(step_loss, grad_norm)
             return None
-        self.consecutive_nonfinite = 0
-        self.oom_skips = 0
+        self.recovery.step_done()
         stability = self.dynamics.stability(acc)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
-            self.logger.log_event(self.step, "fp16_overflow_skip", loss=step_loss)
+            self.logger.log_event(s.step, "fp16_overflow_skip", loss=step_loss)
             return None
-        self.step += 1
-        phase_metrics = self.dynamics.after_step(self.step, step_loss, stability)
-        if self.config.schedule.interval == "step":
+        s.step += 1
+        phase_metrics = self.dynamics.after_step(s.step, step_loss, stability)
+        if s.schedule_interval == "step":
             self.scheduler.step()
-        self._apply_lr_scale()
-        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **phase_metrics}
+        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **self._extra(total_units),
+                **phase_metrics}
 
-    def _backward_window(self, window: list[Any], scale: float, inject_nan: bool,
-                         ) -> torch.Tensor:
+    def _window_units(self, window: list[Any]) -> tuple[int, int]:
+        local = sum(self.task.units(b) for b in window)
+        if self.accelerator.num_processes == 1:
+            return local, local
+        acc = self.accelerator
+        return local, int(acc.reduce(torch.tensor(local, device=acc.device), "sum"))
+
+    def _backward(self, window: list[Any], scale: float) -> torch.Tensor:
         acc, model = self.accelerator, self.model
-        pieces = window if self.micro_limit is None else [
-            piece for batch in window for piece in split_batch(batch, self.micro_limit)]
+        pieces = [piece for batch in window for piece in self.recovery.pieces(batch)]
         loss_sum = torch.zeros((), device=acc.device)
+        self._metric_sums: dict[str, torch.Tensor] = {}
         for i, cpu_batch in enumerate(pieces):
             batch = setup.to_device(cpu_batch, acc.device)
             is_accumulating = i < len(pieces) - 1
             sync = acc.no_sync(model) if is_accumulating and acc.num_processes > 1 else nullcontext()
             with sync:
-                loss = self._summed_loss(batch)
-                if inject_nan and i == 0:
-                    loss = loss * float("nan")
-                acc.backward(loss * scale)
-            loss_sum += loss.detach().float()
+                out = self.task.loss(model, batch)
+                acc.backward(out.loss * scale)
+            loss_sum += out.loss.detach().float()
+            for key, value in out.metrics.items():
+                value = torch.as_tensor(value, dtype=torch.float32).detach()
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value
         return loss_sum
+
+    def _extra(self, total_units: int) -> dict[str, float]:
+        """The task's extra metrics of the step, per unit (summed over ranks)."""
+        if not self._metric_sums:
+            return {}
+        acc = self.accelerator
+        out = {}
+        for key, value in self._metric_sums.items():
+            if acc.num_processes > 1:
+                value = acc.reduce(value.to(acc.device), "sum")
+            out[key] = float(value) / max(total_units, 1)
+        return out
 
     @property
     def local_loss(self) -> float:
@@ -273,114 +278,71 @@ class Trainer(ResumeMixin, RecoveryMixin):
         total, units = self._local
         return float(total) / max(units, 1)
 
-    def _apply_lr_scale(self) -> None:
-        # The phase's LR scale multiplies the closed-form schedule; re-applied after every step
-        # because the scheduler recomputes the LR from its base each time.
-        scale = self.dynamics.lr_scale
-        if scale != 1.0:
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(),
-                                 strict=True):
-                group["lr"] = lr * scale
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted loss and perplexity over the whole eval set."""
-        if self.eval_data is None or len(self.eval_data) == 0:
-            return {}
-        acc = self.accelerator
-        self.model.eval()
-        stream = BatchStream(self.eval_data, batch_size=self.config.training.batch_size,
-                             shuffle=False, rank=acc.process_index, world_size=acc.num_processes,
-                             collate_fn=self.collate_fn)
-        total = torch.zeros((), device=acc.device, dtype=torch.float64)
-        units = 0
-        for _ in range(stream.batches_per_epoch):
-            (cpu_batch,), _ = stream.next_window()
-            units += self._units(cpu_batch)
-            while True:
-                try:
-                    pieces = [cpu_batch] if self.micro_limit is None else \
-                        split_batch(cpu_batch, self.micro_limit)
-                    part = sum(self._summed_loss(setup.to_device(p, acc.device)).double()
-                               for p in pieces)
-                    break
-                except Exception as exc:
-                    if not (self.config.recovery.oom and is_oom(exc)):
-                        raise
-                    if not self._shrink_eval_after_oom(cpu_batch, exc):
-                        raise TrainingDiverged(
-                            "evaluation runs out of memory with one sample per forward pass; "
-                            "lower data.max_eval_sequences or data.seq_len, or use bf16") from None
-            total += part
-        self.model.train()
-        if acc.num_processes > 1:
-            total = acc.reduce(total, "sum")
-            units = int(acc.reduce(torch.tensor(units, device=acc.device), "sum"))
-        loss = float(total) / max(units, 1)
-        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+        """The task's evaluation of the eval set (by default loss and perplexity)."""
+        return self.evaluator(self.eval_data)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> RunResult:
         """Train until the configured length (or a stop), checkpointing along the way."""
         self._setup()
-        cfg, t = self.config, self.config.training
-        assert self.run_dir is not None
+        cfg, t, s = self.config, self.config.training, self.state
         self.model.train()
         self.callbacks.fire("on_train_start", self)
-        if self.initial_eval is None:
-            self.initial_eval = self.evaluate()
-            if self.initial_eval:
-                self.logger.log_metrics(0, self.initial_eval)
-                self.callbacks.fire("on_eval", self, self.initial_eval)
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+        if s.initial_eval is None:
+            s.initial_eval = self.evaluate()
+            if s.initial_eval:
+                self.logger.log_metrics(0, s.initial_eval)
+                self.callbacks.fire("on_eval", self, s.initial_eval)
+        bar = tqdm(total=s.total_steps, initial=s.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.logging.progress_bar and self.is_main), file=sys.stderr)
         last_ckpt: Path | None = None
-        interval_start, interval_tokens, interval_losses = time.perf_counter(), self.tokens_seen, []
+        interval_start, interval_tokens, interval_losses = time.perf_counter(), s.tokens_seen, []
         interrupted: int | None = None
         try:
             with StopRequest() as stop:
-                while self.step < self.total_steps:
+                while s.step < s.total_steps:
                     window, epoch_ended = self.stream.next_window()
                     metrics = self.train_step(window)
                     if epoch_ended:
-                        if cfg.schedule.interval == "epoch":
+                        if s.schedule_interval == "epoch":
                             self.scheduler.step()
-                        self.callbacks.fire("on_epoch_end", self, self.stream.position.epoch - 1)
+                        self.callbacks.fire("on_epoch_end", self, s.epoch - 1)
                     if metrics is None:
                         continue
                     interval_losses.append(metrics["loss"])
                     self._losses_since_eval.append(metrics["loss"])
-                    metrics["epoch"] = self.stream.position.epoch
-                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    metrics["epoch"] = s.epoch
+                    if s.step % t.log_every == 0 or s.step == s.total_steps:
                         now = time.perf_counter()
-                        metrics["tokens_per_s"] = (self.tokens_seen - interval_tokens) / max(
+                        metrics["tokens_per_s"] = (s.tokens_seen - interval_tokens) / max(
                             now - interval_start, 1e-9)
                         metrics["loss_avg"] = sum(interval_losses) / len(interval_losses)
-                        interval_start, interval_tokens, interval_losses = now, self.tokens_seen, []
-                        self.logger.log_metrics(self.step, metrics)
+                        interval_start, interval_tokens, interval_losses = now, s.tokens_seen, []
+                        self.logger.log_metrics(s.step, metrics)
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                         tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                     bar.update(1)
                     self.callbacks.fire("on_step_end", self, metrics)
-                    if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                    if t.eval_every and s.step % t.eval_every == 0 and s.step < s.total_steps:
                         self._run_eval()
                     stopping = stop.signum is not None or self.should_stop
-                    if cfg.checkpoint.enabled and (self.step % cfg.checkpoint.every == 0 or stopping):
+                    if cfg.checkpoint.enabled and (s.step % cfg.checkpoint.every == 0 or stopping):
                         last_ckpt = self.save_checkpoint()
                     if stop.signum is not None:
                         interrupted = stop.signum
                         break
                     if self.should_stop:
-                        self.logger.log_event(self.step, "stop", reason="callback")
+                        self.logger.log_event(s.step, "stop", reason="callback")
                         break
         finally:
             bar.close()
         if interrupted is not None:
             where = f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (disabled)"
-            msg = (f"stopped at step {self.step}/{self.total_steps}; {where}. "
+            msg = (f"stopped at step {s.step}/{s.total_steps}; {where}. "
                    f"Resume with: gearshift resume {self.run_dir}")
-            self.logger.log_event(self.step, "interrupted", signal=interrupted)
+            self.logger.log_event(s.step, "interrupted", signal=interrupted)
             self.logger.close()
             raise TrainingInterrupted(msg, interrupted)
         return self._finish(last_ckpt)
@@ -404,30 +366,9 @@ class Trainer(ResumeMixin, RecoveryMixin):
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (main process only)."""
-        self.accelerator.wait_for_everyone()
-        path = None
-        if self.is_main:
-            signs = self.dynamics.sign_tensors()
-            weights: Any = self.raw_model
-            if self.config.lora.enabled:  # the adapter only: the base is rebuilt from its source
-                weights = {n: p for n, p in self.raw_model.named_parameters() if p.requires_grad}
-            try:
-                path = self.ckpt.save(self.step, model=weights, optimizer=self.optimizer,
-                                      trainer_state=self.state_dict(),
-                                      extra_tensors={SIGNS: signs} if signs else None)
-            except STORAGE_ERRORS as exc:
-                failure = [self._storage_failure(f"checkpoint of step {self.step}", exc)]
-            else:
-                failure = [None]
-                self.logger.log_event(self.step, "checkpoint", path=str(path))
-                self.callbacks.fire("on_checkpoint", self, path)
-        else:
-            failure = [None]
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(failure)  # every rank stops together, none waits forever
-        if failure[0] is not None:
-            raise CheckpointError(failure[0])
+        path = self.ckpt.save()
+        if path is not None:
+            self.callbacks.fire("on_checkpoint", self, path)
         return path
 
     def _finish(self, last_ckpt: Path | None) -> RunResult:
@@ -436,18 +377,10 @@ class Trainer(ResumeMixin, RecoveryMixin):
         if self.config.checkpoint.enabled and (last_ckpt is None or last_ckpt.name !=
                                                f"step-{self.step:08d}"):
             last_ckpt = self.save_checkpoint()
-        final_dir = None
-        if self.is_main:
-            try:
-                final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer,
-                                         adapter=self.config.lora.enabled)
-            except STORAGE_ERRORS as exc:
-                failure = self._storage_failure("final model export", exc)
-                if failure is not None:
-                    raise CheckpointError(failure) from exc
+        final_dir = self.ckpt.export_final(self.run_dir / "final", self.tokenizer)
         metrics: dict[str, float] = {}
-        if self.initial_eval:
-            metrics["eval/loss_before"] = self.initial_eval["eval/loss"]
+        if self.state.initial_eval:
+            metrics["eval/loss_before"] = self.state.initial_eval["eval/loss"]
         metrics.update(final_eval)
         self.logger.log_event(self.step, "end", **metrics)
         self.logger.close()
@@ -455,21 +388,6 @@ class Trainer(ResumeMixin, RecoveryMixin):
         result = RunResult(self.run_dir, self.step, metrics, last_ckpt, final_dir)
         self.callbacks.fire("on_train_end", self, result)
         return result
-
-    def _storage_failure(self, what: str, exc: Exception) -> str | None:
-        """Disk full / permission denied: the message to stop with, or None after a warning
-        (``checkpoint.on_error: warn``)."""
-        latest, _ = self.ckpt.find_latest_valid()
-        kept = f"the previous checkpoint {latest.name} is intact" if latest else \
-            "no earlier checkpoint exists"
-        self.logger.log_event(self.step, "checkpoint_failed", what=what, error=str(exc))
-        reason = getattr(exc, "strerror", None) or str(exc).split(": ")[-1]
-        message = f"could not write the {what} in {self.run_dir} ({reason}); {kept}"
-        if self.config.checkpoint.on_error == "warn":
-            self._print(f"warning: {message}; training goes on (checkpoint.on_error: warn)")
-            return None
-        return (f"{message}. Free space or fix permissions, then run: gearshift resume "
-                f"{self.run_dir}")
 
     def _print(self, message: str) -> None:
         if getattr(self, "is_main", True):
