@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gearshift.config import Resolved, build_layers, config_to_yaml, parse_set_overrides, resolve
 from gearshift.errors import CheckpointError, UsageError
+from gearshift.rundir import RunPaths, list_checkpoints
 
 
 def dispatch(args: argparse.Namespace, flags: dict[str, tuple[str, object]]) -> int:
@@ -43,20 +44,13 @@ def cmd_train(resolved: Resolved) -> int:
 
 
 def cmd_resume(run_dir: Path, sets: list[str]) -> int:
-    from gearshift.config import read_config_file
+    from gearshift.rundir import read_run_config_dict
     from gearshift.train import train
 
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a directory; give the run directory printed by "
                          "`gearshift train` (e.g. runs/default-20260101-120000)")
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} has no config.yaml; is it a gearshift run directory?")
-    saved = read_config_file(run_dir / "config.yaml")
-    if not saved:
-        raise CheckpointError(f"{run_dir / 'config.yaml'} is empty; restore it (it is the run's "
-                              "resolved config) or resume with `gearshift train CONFIG --resume "
-                              f"{run_dir}`")
-    layers = build_layers(saved, None)
+    layers = build_layers(read_run_config_dict(run_dir), None)
     if sets:
         layers.append(parse_set_overrides(sets))
     resolved = resolve(layers)
@@ -81,7 +75,7 @@ def _report(run) -> int:  # type: ignore[no-untyped-def]
         print(line + f" (perplexity {m['eval/ppl']:.2f})")
     if result.final_dir is not None:
         print(f"final model: {result.final_dir}")
-    print(f"curves: tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    print(f"curves: tensorboard --logdir {RunPaths(result.run_dir).tensorboard}")
     return 0
 
 
@@ -91,8 +85,8 @@ def cmd_checkpoint_verify(path: Path) -> int:
     if not path.exists():
         raise UsageError(f"{path} does not exist")
     targets = [path]
-    if (path / "checkpoints").is_dir():
-        targets = sorted((path / "checkpoints").glob("step-*"))
+    if RunPaths(path).checkpoints.is_dir():
+        targets = [entry.path for entry in list_checkpoints(path)]
         if not targets:
             raise CheckpointError(f"{path}/checkpoints holds no step-* checkpoints")
     bad = 0

@@ -12,10 +12,10 @@ from accelerate.utils import set_seed
 from gearshift.config import Config, load_config
 from gearshift.data import load_corpus, load_tokenizer, pack_documents
 from gearshift.errors import CheckpointError
+from gearshift.rundir import RunPaths, find_auto_resume
 from gearshift.tasks import CausalLMLoss, build_causal_lm
 from gearshift.tasks.lm import check_model_dir
 from gearshift.train.callbacks import Callback
-from gearshift.train.rundir import find_auto_resume
 from gearshift.train.trainer import RunResult, Trainer
 
 
@@ -31,7 +31,7 @@ def resolve_resume(config: Config, resume: str | Path | None) -> Path | None:
                   f"{config.output_dir}; starting a new run", file=sys.stderr)
         return found
     path = Path(target)
-    if not (path / "checkpoints").is_dir():
+    if not RunPaths(path).checkpoints.is_dir():
         raise CheckpointError(f"{path} is not a run directory with checkpoints "
                               "(expected RUN_DIR/checkpoints/); check the path")
     return path

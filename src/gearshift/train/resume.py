@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from gearshift.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from gearshift.errors import CheckpointError
+from gearshift.rundir import RunPaths
 from gearshift.schedules import GearshiftLR, ScheduleStateError
 from gearshift.train.dynamics import SIGNS
 
@@ -50,7 +51,7 @@ class ResumeMixin:
     """The trainer's resumable state: what a checkpoint holds besides weights and optimizer."""
 
     def _maybe_resume(self) -> tuple[Path, list[str], list[str]] | None:
-        ckpt_dir = self.resume_from / "checkpoints"
+        ckpt_dir = RunPaths(self.resume_from).checkpoints
         manager = CheckpointManager(ckpt_dir, keep_last=self.config.checkpoint.keep_last)
         found, skipped = self._load_newest(manager)
         for line in skipped:

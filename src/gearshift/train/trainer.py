@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from gearshift.checkpoint import CheckpointManager
 from gearshift.config import Config, load_config
 from gearshift.errors import CheckpointError
+from gearshift.rundir import RunPaths, create_run_dir, write_run_config
 from gearshift.schedules import build_lr_scheduler
 from gearshift.train import setup
 from gearshift.train.callbacks import Callback, CallbackList
@@ -31,7 +32,6 @@ from gearshift.train.logger import RunLogger
 from gearshift.train.memory import enable_gradient_checkpointing
 from gearshift.train.recovery import RecoveryMixin, install_oom_fault, is_oom, split_batch
 from gearshift.train.resume import ResumeMixin
-from gearshift.train.rundir import create_run_dir, write_run_config
 from gearshift.train.stream import BatchStream
 
 # safetensors reports I/O failures (disk full, permission denied) with its own error type.
@@ -149,7 +149,7 @@ class Trainer(ResumeMixin, RecoveryMixin):
         if self.is_main:
             audit = self.audit if self.audit is not None else {}
             write_run_config(self.run_dir, cfg, audit)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(RunPaths(self.run_dir).checkpoints, keep_last=cfg.checkpoint.keep_last)
         self.samples_seen = 0
         self.tokens_seen = 0
         self.initial_eval: dict[str, float] | None = None
@@ -434,12 +434,12 @@ class Trainer(ResumeMixin, RecoveryMixin):
         assert self.run_dir is not None
         final_eval = self._run_eval()
         if self.config.checkpoint.enabled and (last_ckpt is None or last_ckpt.name !=
-                                               f"step-{self.step:08d}"):
+                                               RunPaths(self.run_dir).checkpoint(self.step).name):
             last_ckpt = self.save_checkpoint()
         final_dir = None
         if self.is_main:
             try:
-                final_dir = export_final(self.raw_model, self.run_dir / "final", self.tokenizer,
+                final_dir = export_final(self.raw_model, RunPaths(self.run_dir).final, self.tokenizer,
                                          adapter=self.config.lora.enabled)
             except STORAGE_ERRORS as exc:
                 failure = self._storage_failure("final model export", exc)
