@@ -30,6 +30,10 @@ def dispatch(args: argparse.Namespace, flags: dict[str, tuple[str, object]]) -> 
             return cmd_checkpoint_convert(Path(args.src), Path(args.dst), force=args.force,
                                           allow_pickle=args.unsafe_allow_pickle)
         return cmd_checkpoint_verify(Path(args.path))
+    if args.command == "model":
+        from gearshift.cli import model
+
+        return model.run(args)
     raise UsageError(f"unknown command {args.command!r}")
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gearshift.cli import model
 from gearshift.errors import GearshiftError
 
 # Flags for the everyday knobs: flag -> (config key, type, help). Only flags the user gives are
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "every problem"))
 
     _add_checkpoint_parser(sub)
+    model.add_parser(sub)
     return parser
 
 

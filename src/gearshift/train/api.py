@@ -12,9 +12,9 @@ from accelerate.utils import set_seed
 from gearshift.config import Config, load_config
 from gearshift.data import load_corpus, load_tokenizer, pack_documents
 from gearshift.errors import CheckpointError
+from gearshift.models import validate_model_dir
 from gearshift.rundir import RunPaths, find_auto_resume
 from gearshift.tasks import CausalLMLoss, build_causal_lm
-from gearshift.tasks.lm import check_model_dir
 from gearshift.train.callbacks import Callback
 from gearshift.train.trainer import RunResult, Trainer
 
@@ -59,7 +59,7 @@ def train(config: Config | Mapping[str, Any] | str | Path | None = None, *,
     cfg = config if isinstance(config, Config) else load_config(config)
     resume_dir = resolve_resume(cfg, resume)
     if cfg.model.path is not None:
-        check_model_dir(cfg.model.path)  # list what is missing before the tokenizer complains
+        validate_model_dir(cfg.model.path)  # list what is missing before the tokenizer complains
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
     d = cfg.data
     corpus = load_corpus(d.source, d.paths, text_field=d.text_field,
