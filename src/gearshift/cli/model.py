@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gearshift.cli.options import add_action_verb
 from gearshift.errors import UsageError
 
 NAME = "model"
@@ -13,11 +14,10 @@ NAME = "model"
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                ) -> argparse.ArgumentParser:
     """Add ``gearshift model`` and its actions to the top-level sub-commands."""
-    p = sub.add_parser("model", help="check a model directory",
-                       description="Check a Hugging Face model directory before a run or a "
-                                   "pipeline stage loads it.")
-    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    v = msub.add_parser("validate", help="exit 0 when DIR has config.json and every weight "
+    p, actions = add_action_verb(sub, NAME, help="check a model directory",
+                                 description="Check a Hugging Face model directory before a "
+                                             "run or a pipeline stage loads it.")
+    v = actions.add_parser("validate", help="exit 0 when DIR has config.json and every weight "
                                          "file; 2 naming everything that is missing",
                         description="Check that DIR holds config.json and its weights "
                         "(model.safetensors, pytorch_model.bin, or a sharded index with every "

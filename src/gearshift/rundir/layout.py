@@ -16,7 +16,6 @@ A run directory looks like this (see DESIGN.md)::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from gearshift.checkpoint.layout import LATEST_LINK, step_dir_name
@@ -31,67 +30,40 @@ FINAL_DIR = "final"
 REPORT_DIR = "report"
 
 
-@dataclass(frozen=True)
 class RunPaths:
     """The paths of everything a run directory holds (nothing is created or checked).
 
     Args:
         root: The run directory.
 
+    Attributes:
+        root: The run directory.
+        config: ``config.yaml``, the fully resolved config.
+        overrides: ``overrides.json``, where each non-default config value came from.
+        metrics: ``metrics.jsonl``, one JSON object per logged step.
+        events: ``events.jsonl``, one JSON object per event.
+        tensorboard: ``tensorboard/``, the TensorBoard event files.
+        checkpoints: ``checkpoints/``, the ``step-XXXXXXXX`` folders and the ``latest`` link.
+        latest: ``checkpoints/latest``, the link to the newest checkpoint.
+        final: ``final/``, the exported model or adapter directory.
+        report: ``report/``, plots and the summary.
+
     Example:
-        >>> RunPaths(Path("runs/tiny-20260101-120000")).checkpoint(200).name
+        >>> RunPaths("runs/tiny-20260101-120000").checkpoint(200).name
         'step-00000200'
     """
 
-    root: Path
-
     def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def config(self) -> Path:
-        """``config.yaml``: the fully resolved config."""
-        return self.root / CONFIG_FILE
-
-    @property
-    def overrides(self) -> Path:
-        """``overrides.json``: where each non-default config value came from."""
-        return self.root / OVERRIDES_FILE
-
-    @property
-    def metrics(self) -> Path:
-        """``metrics.jsonl``: one JSON object per logged step."""
-        return self.root / METRICS_FILE
-
-    @property
-    def events(self) -> Path:
-        """``events.jsonl``: one JSON object per event."""
-        return self.root / EVENTS_FILE
-
-    @property
-    def tensorboard(self) -> Path:
-        """``tensorboard/``: the TensorBoard event files."""
-        return self.root / TENSORBOARD_DIR
-
-    @property
-    def checkpoints(self) -> Path:
-        """``checkpoints/``: the ``step-XXXXXXXX`` folders and the ``latest`` link."""
-        return self.root / CHECKPOINTS_DIR
-
-    @property
-    def latest(self) -> Path:
-        """``checkpoints/latest``: the link to the newest checkpoint."""
-        return self.checkpoints / LATEST_LINK
-
-    @property
-    def final(self) -> Path:
-        """``final/``: the exported model or adapter directory."""
-        return self.root / FINAL_DIR
-
-    @property
-    def report(self) -> Path:
-        """``report/``: plots and the summary."""
-        return self.root / REPORT_DIR
+        self.root = Path(root)
+        self.config = self.root / CONFIG_FILE
+        self.overrides = self.root / OVERRIDES_FILE
+        self.metrics = self.root / METRICS_FILE
+        self.events = self.root / EVENTS_FILE
+        self.tensorboard = self.root / TENSORBOARD_DIR
+        self.checkpoints = self.root / CHECKPOINTS_DIR
+        self.latest = self.checkpoints / LATEST_LINK
+        self.final = self.root / FINAL_DIR
+        self.report = self.root / REPORT_DIR
 
     def checkpoint(self, step: int) -> Path:
         """``checkpoints/step-XXXXXXXX`` for ``step`` (zero-padded to 8 digits)."""
