@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gearshift.cli.main import main
 from gearshift.errors import ModelError
 from gearshift.models import validate_model_dir
 
@@ -86,30 +85,20 @@ def test_not_a_directory(tmp_path: Path) -> None:
     assert str(info.value) == f"model.path {tmp_path / 'absent'} is not a directory"
 
 
-def call(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_model_validate_command(model_dirs: tuple[Path, Path], tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_validate_command(model_dirs: tuple[Path, Path], tmp_path: Path, cli) -> None:
     whole, sharded = model_dirs
     for d in (whole, sharded):
-        assert call(capsys, "model", "validate", str(d)) == (
+        assert cli("model", "validate", str(d)) == (
             0, f"{d}: valid model directory\n", "")
     broken = _copy(sharded, tmp_path / "broken")
     (broken / _shards(broken)[0]).unlink()
-    code, out, err = call(capsys, "model", "validate", str(broken))
+    code, out, err = cli("model", "validate", str(broken))
     assert (code, out) == (2, "")
     assert err == (f"error: model directory {broken} is missing: shard {_shards(sharded)[0]} "
                    "(listed in model.safetensors.index.json)\n")
-    code, _, err = call(capsys, "model", "validate", str(tmp_path / "absent"))
+    code, _, err = cli("model", "validate", str(tmp_path / "absent"))
     assert code == 2 and err.startswith(f"error: {tmp_path / 'absent'} is not a directory")
-    code, _, err = call(capsys, "model")
+    code, _, err = cli("model")
     assert code == 2 and "the following arguments are required: ACTION" in err
 
 

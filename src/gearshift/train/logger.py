@@ -86,10 +86,6 @@ class RunLogger:
                       "being lost until this is fixed", file=sys.stderr)
             self._write_failed = True
 
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
