@@ -17,11 +17,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p, actions = add_action_verb(sub, NAME, help="check a model directory",
                                  description="Check a Hugging Face model directory before a "
                                              "run or a pipeline stage loads it.")
-    v = actions.add_parser("validate", help="exit 0 when DIR has config.json and every weight "
-                                         "file; 2 naming everything that is missing",
-                        description="Check that DIR holds config.json and its weights "
-                        "(model.safetensors, pytorch_model.bin, or a sharded index with every "
-                        "shard it lists). Exit 0 when it does; 2 naming all that is missing.")
+    v = actions.add_parser(
+        "validate",
+        help="exit 0 when DIR has config.json and every weight file; 2 naming everything that "
+             "is missing",
+        description="Check that DIR holds config.json and its weights (model.safetensors, "
+                    "pytorch_model.bin, or a sharded index with every shard it lists). Exit 0 "
+                    "when it does; 2 naming all that is missing.")
     v.add_argument("dir", metavar="DIR", help="a model directory, e.g. RUN_DIR/final")
     return p
 
