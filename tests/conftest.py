@@ -52,3 +52,19 @@ def make_config(tmp_path: Path, corpus_file: Path):
         return tiny_config(tmp_path, corpus_file, **sections)
 
     return factory
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run ``gearshift ARGS…`` in this process: ``cli(*args) -> (exit code, stdout, stderr)``."""
+    from gearshift.cli.main import main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's --help and usage errors
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

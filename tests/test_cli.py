@@ -40,7 +40,69 @@ def test_help_lists_commands_and_flags(capsys: pytest.CaptureFixture[str]) -> No
                  "--disable-checkpointing", "--resume", "--set"):
         assert flag in out, flag
     code, out, _ = call(capsys, "--help")
-    assert code == 0 and all(c in out for c in ("train", "resume", "config", "checkpoint"))
+    assert code == 0 and all(c in out for c in ("train", "resume", "config", "checkpoint",
+                                                "model"))
+
+
+def test_train_help_shows_value_placeholders_and_schedule_names(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gearshift.schedules import ALIASES, SCHEDULES
+
+    code, out, _ = call(capsys, "train", "--help")
+    assert code == 0
+    assert "FLAG:" not in out and "flag:" not in out
+    for shown in ("--learning-rate LR", "--max-steps N", "--epochs N", "--batch-size N",
+                  "--accumulate-grad-batches N", "--scheduler NAME", "--warmup-steps N",
+                  "--warmup-ratio RATIO", "--warmup-epochs N", "--lr-min-ratio RATIO",
+                  "--grad-clip MAX", "--grad-clip-algorithm {norm,value}",
+                  "--precision {fp32,bf16,fp16}", "--seed N", "--output-dir DIR",
+                  "--checkpoint-every N", "--keep-checkpoints N", "--resume {RUN_DIR,auto}",
+                  "--set KEY.PATH=VALUE", "[CONFIG]"):
+        assert shown in out, shown
+    # argparse wraps help text: compare with the line breaks taken out.
+    flat = " ".join(out.split())
+    start = flat.index("--scheduler NAME LR schedule:")
+    scheduler_help = flat[start:flat.index("--warmup-steps N", start)]
+    assert {"constant", "warmup_cosine", "plateau"} <= set(SCHEDULES)
+    for name in SCHEDULES:
+        assert f" {name}," in scheduler_help or f" {name} (" in scheduler_help, name
+    for alias, target in ALIASES.items():
+        assert f"{alias} = {target}" in scheduler_help, alias
+    code, out, _ = call(capsys, "config", "validate", "--help")
+    assert code == 0 and "--max-steps N" in out and "FLAG:" not in out
+
+
+def test_every_verb_is_a_module_with_its_parser_and_run() -> None:
+    from gearshift.cli import checkpoint, config, model, resume, train
+    from gearshift.cli.main import VERBS, build_parser
+
+    assert VERBS == {"train": train, "resume": resume, "config": config,
+                     "checkpoint": checkpoint, "model": model}
+    parser = build_parser()
+    for argv, verb in ((["train"], "train"), (["resume", "r"], "resume"),
+                       (["config", "show"], "config"), (["checkpoint", "verify", "p"],
+                                                        "checkpoint"),
+                       (["model", "validate", "d"], "model")):
+        args = parser.parse_args(argv)
+        assert args.command == verb and callable(VERBS[args.command].run)
+    assert set(checkpoint.ACTIONS) == {"inspect", "verify", "convert"}
+
+
+def test_dispatch_reaches_each_verb(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # One cheap, observable outcome per verb: each comes from that verb's own run().
+    assert call(capsys, "config", "validate")[:2] == (0, "embedded default: valid\n")
+    code, out, _ = call(capsys, "config", "show", "--seed", "11")
+    assert code == 0 and yaml.safe_load(out)["seed"] == 11
+    code, _, err = call(capsys, "resume", str(tmp_path / "nope"))
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'nope'} is not a directory")
+    code, _, err = call(capsys, "checkpoint", "verify", str(tmp_path / "nope"))
+    assert (code, err) == (2, f"error: {tmp_path / 'nope'} does not exist\n")
+    code, _, err = call(capsys, "checkpoint", "inspect", str(tmp_path / "nope"))
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'nope'} does not exist")
+    code, _, err = call(capsys, "model", "validate", str(tmp_path))
+    assert code == 2 and "missing: config.json, weights" in err
+    code, out, _ = call(capsys)
+    assert code == 2 and "COMMAND" in out
 
 
 def test_config_show_applies_flags_and_sets(capsys: pytest.CaptureFixture[str],

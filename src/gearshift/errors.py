@@ -60,6 +60,10 @@ class CheckpointError(GearshiftError):
     """A checkpoint is missing, corrupt or does not fit the model."""
 
 
+class RunDirError(GearshiftError):
+    """A run directory is missing a file, or a file in it is corrupt (naming file and line)."""
+
+
 class ModelError(GearshiftError):
     """A model directory is missing files or cannot be loaded."""
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from gearshift.config import Config, load_config
 from gearshift.errors import CheckpointError
+from gearshift.rundir import RunPaths, find_auto_resume
 from gearshift.tasks import TASKS
 from gearshift.train import Callback, RunResult, Trainer
-from gearshift.train.rundir import find_auto_resume
 from gearshift.transforms import build_transforms
 
 
@@ -27,7 +27,7 @@ def resolve_resume(config: Config, resume: str | Path | None) -> Path | None:
                   f"{config.output_dir}; starting a new run", file=sys.stderr)
         return found
     path = Path(target)
-    if not (path / "checkpoints").is_dir():
+    if not RunPaths(path).checkpoints.is_dir():
         raise CheckpointError(f"{path} is not a run directory with checkpoints "
                               "(expected RUN_DIR/checkpoints/); check the path")
     return path

@@ -11,7 +11,6 @@ from gearshift.config.loader import (
     read_config_file,
     resolve,
     validate,
-    write_audit,
 )
 from gearshift.config.schema import (
     CheckpointConfig,
@@ -47,5 +46,4 @@ __all__ = [
     "read_config_file",
     "resolve",
     "validate",
-    "write_audit",
 ]

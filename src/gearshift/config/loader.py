@@ -8,7 +8,6 @@ layer that set it (``overrides.json`` in the run directory).
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -341,10 +340,6 @@ def _task_problems(raw: Mapping[str, Any]) -> list[Problem]:
 def config_to_yaml(config: Config) -> str:
     """The fully resolved config as YAML text (what ``config.yaml`` in a run directory holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def write_audit(audit: Mapping[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(audit, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- helpers

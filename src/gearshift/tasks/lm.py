@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from gearshift.config import Config
 from gearshift.config.schema import ModelConfig
 from gearshift.errors import ModelError
+from gearshift.models import validate_model_dir
 from gearshift.train.task import EvalLoop, LossOutput, Task, TaskParts, perplexity
 
 IGNORE_INDEX = -100
@@ -50,45 +50,14 @@ def build_causal_lm(cfg: ModelConfig, *, vocab_size: int, bos_token_id: int | No
     return LlamaForCausalLM(config)
 
 
-def check_model_dir(path: str | Path) -> None:
-    """Raise :class:`ModelError` listing what a local model directory is missing."""
-    _check_local(Path(path))
-
-
 def _load_local(path: Path) -> PreTrainedModel:
-    _check_local(path)
+    validate_model_dir(path)
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                     use_safetensors=None)
     except Exception as exc:  # transformers, safetensors and torch each raise their own types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the model in {path}: {first}") from None
-
-
-def _check_local(path: Path) -> None:
-    if not path.is_dir():
-        raise ModelError(f"model.path {path} is not a directory")
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    weights = [p for p in path.iterdir() if p.suffix == ".safetensors" or
-               p.name in ("pytorch_model.bin", "model.safetensors.index.json",
-                          "pytorch_model.bin.index.json")]
-    if not weights:
-        missing.append("weights (model.safetensors or a sharded index)")
-    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
-        if index.is_file():
-            try:
-                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-                if not all(isinstance(x, str) for x in shards):
-                    raise TypeError("shard names must be strings")
-            except (ValueError, KeyError, AttributeError, TypeError, UnicodeDecodeError):
-                raise ModelError(f"{index} is not a valid shard index (expected a JSON object "
-                                 "with a 'weight_map' of tensor name -> shard file)") from None
-            missing.extend(f"shard {s} (listed in {index.name})" for s in sorted(shards)
-                           if not (path / s).is_file())
-    if missing:
-        raise ModelError(f"model directory {path} is missing: {', '.join(missing)}")
 
 
 class CausalLMLoss:
@@ -149,7 +118,7 @@ class LMTask(Task):
 
         cfg = self.config
         if cfg.model.path is not None:
-            check_model_dir(cfg.model.path)  # list what is missing before the tokenizer complains
+            validate_model_dir(cfg.model.path)  # list what is missing before the tokenizer complains
         tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
         d = cfg.data
         corpus = load_corpus(d.source, d.paths, text_field=d.text_field,

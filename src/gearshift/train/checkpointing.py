@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from gearshift.checkpoint import CheckpointManager
 from gearshift.config.schema import CheckpointConfig
 from gearshift.errors import CheckpointError
+from gearshift.rundir import RunPaths
 from gearshift.train.logger import RunLogger
 from gearshift.train.state import TrainState
 from gearshift.transforms import TransformChain
@@ -104,7 +105,7 @@ class Checkpoints:
 
     def resume(self, run_dir: Path) -> tuple[Path, list[str], list[str]]:
         """Continue from ``run_dir``'s newest valid checkpoint: (path, skipped, notes)."""
-        directory = run_dir / "checkpoints"
+        directory = RunPaths(run_dir).checkpoints
         manager = CheckpointManager(directory, keep_last=self.config.keep_last)
         path, skipped, notes = self.load_newest(manager)
         for line in skipped:

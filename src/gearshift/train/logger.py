@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from gearshift import rundir
 from gearshift.errors import ConfigError, Problem
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan" / "inf": JSON has no such numbers
-    return value
 
 
 class RunLogger:
@@ -29,17 +22,21 @@ class RunLogger:
                  wandb_project: str = "gearshift", run_name: str = "", enabled: bool = True,
                  purge_step: int | None = None, config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.events_path = run_dir / "events.jsonl"
+        paths = rundir.RunPaths(run_dir)
+        self.metrics_path = paths.metrics
+        self.events_path = paths.events
         self._tb = None
         self._wandb = None
         self._write_failed = False
         if not enabled:
             return
+        # A run killed mid-write left a torn last line; appending after it would bury it.
+        rundir.drop_torn_tail(self.events_path)
+        rundir.drop_torn_tail(self.metrics_path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+            self._tb = SummaryWriter(str(paths.tensorboard), purge_step=purge_step)
         if wandb:
             try:
                 import wandb as wandb_mod
@@ -57,29 +54,14 @@ class RunLogger:
         Returns the metric names already logged at ``step`` itself, so the caller does not log
         them twice (e.g. the final evaluation of a run killed during its export).
         """
-        at_step: set[str] = set()
-        if not self.enabled or not self.metrics_path.exists():
-            return at_step
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill mid-write
-            if record.get("step", 0) <= step:
-                kept.append(line)
-            if record.get("step") == step:
-                at_step.update(record)
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        tmp.replace(self.metrics_path)
-        return at_step
+        if not self.enabled:
+            return set()
+        return rundir.truncate_after(self.metrics_path, step)
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
-        self._append(self.metrics_path, record)
+        self._append(self.metrics_path, {"step": step, **metrics})
         scalars = {k: v for k, v in metrics.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         if self._tb is not None:
@@ -91,24 +73,18 @@ class RunLogger:
     def log_event(self, step: int, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "event": kind, "time": time.time(),
-                  **{k: _json_safe(v) for k, v in fields.items()}}
-        self._append(self.events_path, record)
+        self._append(self.events_path, {"step": step, "event": kind, "time": time.time(),
+                                        **fields})
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
         # A full disk must not kill training from the logger: checkpoints decide (on_error).
         try:
-            with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            rundir.append_record(path, record)
         except OSError as exc:
             if not self._write_failed:
                 print(f"warning: cannot write {path.name} ({exc.strerror or exc}); records are "
                       "being lost until this is fixed", file=sys.stderr)
             self._write_failed = True
-
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gearshift.config import Config, load_config
+from gearshift.rundir import RunPaths, create_run_dir, write_run_config
 from gearshift.schedules import build_lr_scheduler
 from gearshift.train import setup
 from gearshift.train.callbacks import Callback, CallbackList
@@ -28,7 +29,6 @@ from gearshift.train.interrupt import StopRequest, TrainingInterrupted
 from gearshift.train.logger import RunLogger
 from gearshift.train.memory import enable_gradient_checkpointing
 from gearshift.train.recovery import Recovery
-from gearshift.train.rundir import create_run_dir, write_run_config
 from gearshift.train.state import TrainState
 from gearshift.train.stream import BatchStream
 from gearshift.train.task import LossFnTask, Task
@@ -150,7 +150,7 @@ class Trainer:
             install_nan_fault(self.raw_model, cfg.faults.nan_at_steps,
                               lambda: (self.state.step + 1, self.state.attempts))
         self._open_run_dir()
-        self.ckpt = Checkpoints(self.run_dir / "checkpoints", cfg.checkpoint, self.state,
+        self.ckpt = Checkpoints(RunPaths(self.run_dir).checkpoints, cfg.checkpoint, self.state,
                                 acc, self.raw_model, self.optimizer, self.transforms,
                                 self._print)
         resumed = self.ckpt.resume(self.resume_from) if self.resume_from is not None else None
@@ -375,9 +375,9 @@ class Trainer:
         assert self.run_dir is not None
         final_eval = self._run_eval()
         if self.config.checkpoint.enabled and (last_ckpt is None or last_ckpt.name !=
-                                               f"step-{self.step:08d}"):
+                                               RunPaths(self.run_dir).checkpoint(self.step).name):
             last_ckpt = self.save_checkpoint()
-        final_dir = self.ckpt.export_final(self.run_dir / "final", self.tokenizer)
+        final_dir = self.ckpt.export_final(RunPaths(self.run_dir).final, self.tokenizer)
         metrics: dict[str, float] = {}
         if self.state.initial_eval:
             metrics["eval/loss_before"] = self.state.initial_eval["eval/loss"]
