@@ -72,7 +72,6 @@ class PhaseScheduler:
             raise ConfigError([Problem("phases", "no phases configured")])
         self.spec = spec
         self.rank = _check_rank(rank)
-        self._quantiles: dict[int, float] = {}
         self._phase_confidence = rules.phase_confidence(spec.confidence)
         self._reset()
 
@@ -167,12 +166,7 @@ class PhaseScheduler:
         return self._decide(step, fresh)
 
     def _quantile(self, df: int) -> float:
-        q = self._quantiles.get(df)
-        if q is None:
-            q = t_quantile(self.spec.confidence, df)
-            if len(self._quantiles) < 64:  # the phase-wide df grows every step: bounded cache
-                self._quantiles[df] = q
-        return q
+        return t_quantile(self.spec.confidence, df)
 
     def _phase_quantile(self, df: int) -> float:
         return t_quantile(self._phase_confidence, df)

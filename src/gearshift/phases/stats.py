@@ -49,6 +49,7 @@ class Fit:
     noise: float = 0.0
 
 
+@lru_cache(maxsize=1024)  # the fixed windows' df recur every update; the phase's grows
 def t_quantile(p: float, df: int) -> float:
     """Quantile ``p`` of Student's t distribution with ``df`` degrees of freedom (no SciPy).
 
