@@ -64,6 +64,8 @@ def report_run(start: Callable[[], RunResult]) -> int:
         line = f"eval loss: {before:.4f} -> {m['eval/loss']:.4f}" if before is not None else \
             f"eval loss: {m['eval/loss']:.4f}"
         print(line + f" (perplexity {m['eval/ppl']:.2f})")
+    if "memory/peak_mb" in m:
+        print(f"peak memory: {m['memory/peak_mb']:,.0f} MiB")
     if result.final_dir is not None:
         print(f"final model: {result.final_dir}")
     print(f"curves: tensorboard --logdir {RunPaths(result.run_dir).tensorboard}")
