@@ -363,3 +363,17 @@ def test_model_validate_has_no_traceback(dirs: dict[str, Path], tmp_path: Path) 
     assert lines[1].startswith("  - config.json cannot be read by transformers (The checkpoint "
                                "you are trying to load has model type `no-such-type`")
     assert lines[2].startswith("  - model.safetensors cannot be parsed as safetensors (")
+
+
+def test_every_final_a_run_writes_validates(make_config) -> None:
+    import gearshift as gs
+
+    short = {"max_steps": 2, "eval_every": None}
+    full = gs.train(make_config(training=short, schedule={"warmup_steps": 0})).final_dir
+    report = validate_model_dir(full, load=True)
+    assert (report.kind, report.problems, report.tensors) == ("full", [], 12)
+    assert (full / "tokenizer.json").is_file()
+    lora = gs.train(make_config(training=short, schedule={"warmup_steps": 0},
+                                lora={"enabled": True, "r": 2})).final_dir
+    report = validate_model_dir(lora, load=True)
+    assert (report.kind, report.problems, report.base) == ("adapter", [], lora / "base")

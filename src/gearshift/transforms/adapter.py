@@ -55,7 +55,7 @@ class AdapterTransform(LoraTransform):
 
     def apply(self, model: nn.Module) -> nn.Module:
         from gearshift.lora.groups import compile_groups, store_groups
-        from gearshift.models import load_adapter
+        from gearshift.models import adapter_base, load_adapter
 
         compile_groups(self.config.groups)  # a bad group regex is a config error
         c, a = self.config, self.adapter_config
@@ -65,6 +65,10 @@ class AdapterTransform(LoraTransform):
                           f"its own r={a.get('r')} and target_modules={a.get('target_modules')}; "
                           "lora.r and lora.target_modules are not used", stacklevel=2)
         peft_model = load_adapter(model, self.path, trainable=True)
+        # PEFT reads the base's config again on save; a path relative to the adapter would be
+        # looked up in the working directory.
+        for adapter_config in peft_model.peft_config.values():
+            adapter_config.base_model_name_or_path = str(adapter_base(self.path).resolve())
         store_groups(peft_model, c.groups)
         return peft_model
 
