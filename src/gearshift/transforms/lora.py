@@ -110,8 +110,9 @@ def name_base(model: nn.Module, directory: Path) -> None:
     """Point the exported adapter's ``base_model_name_or_path`` at a local base model.
 
     The base's own directory when it was loaded from one (absolute, so the adapter loads from
-    any working directory); otherwise the base is saved in ``directory/base``. A base that is
-    not a transformers model (no ``save_pretrained``) is left as PEFT named it.
+    any working directory); a base built from a config (no source at all) is saved in
+    ``directory/base``. Any other name (a hub id) is left as PEFT wrote it, and so is the base
+    of a module that is not a transformers model (no ``save_pretrained``).
     """
     from gearshift.lora import base_model_of
 
@@ -119,7 +120,7 @@ def name_base(model: nn.Module, directory: Path) -> None:
     source = getattr(getattr(base, "config", None), "_name_or_path", None)
     if isinstance(source, str) and source and (Path(source) / "config.json").is_file():
         named = str(Path(source).resolve())
-    elif hasattr(base, "save_pretrained"):
+    elif not source and hasattr(base, "save_pretrained"):
         # Unloading changes the modules in place: unload a copy, the trained model stays.
         save_plain(copy.deepcopy(model).unload(), directory / BASE_DIR)
         named = BASE_DIR
