@@ -310,6 +310,24 @@ def test_load_checks_adapter_tensors_against_the_base(dirs: dict[str, Path],
         "the base layer gives 16 outputs"]
 
 
+def test_load_accepts_the_embedding_layers_peft_saves_with_an_adapter(
+        dirs: dict[str, Path], tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from gearshift.transforms import LoraTransform
+
+    base = load_base_model(dirs["full"])
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    d = tmp_path / "lm_head"
+    d.mkdir()
+    LoraTransform(None).export(peft, d, merged=False)  # type: ignore[arg-type]
+    names = load_file(d / "adapter_model.safetensors").keys()
+    assert "base_model.model.lm_head.base_layer.weight" in names  # PEFT keeps the whole layer
+    report = validate_model_dir(d, load=True)
+    assert (report.kind, report.problems, report.tensors) == ("adapter", [], 7)
+    assert report.base == dirs["full"].resolve()
+
+
 # ---------------------------------------------------------------- the command
 
 

@@ -144,7 +144,9 @@ def check_adapter_tensors(base: Path, base_config: dict[str, Any], weights: Path
         inner = name[len(_PEFT_PREFIX):]
         match = _LORA_PART.match(inner)
         if match is None:
-            plain[inner] = shape  # a fully trained module (modules_to_save): a base tensor
+            # A whole base tensor PEFT saved with the adapter (modules_to_save, or the embedding
+            # layers it keeps with a LoRA on them: ``lm_head.base_layer.weight``).
+            plain[inner.replace(".base_layer.", ".")] = shape
             continue
         module = arch.modules.get(match["module"])
         if module is None:
