@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gearshift import rundir
-from gearshift.errors import ConfigError, Problem
+from gearshift.errors import ConfigError, Problem, RunDirError
 
 #: The metric (per logged step, and the run's peak in the ``end`` event and the result).
 PEAK_METRIC = "memory/peak_mb"
@@ -48,8 +48,12 @@ def peak_memory_mb(accelerator: Any) -> float:
 
 def run_peak_mb(run_dir: Path, accelerator: Any) -> float:
     """The run's peak: now, or as logged earlier (before a resume: another process)."""
-    logged = [v for _, v in rundir.metric_series(rundir.read_metrics(run_dir), PEAK_METRIC)]
-    return max([peak_memory_mb(accelerator), *logged])
+    now = peak_memory_mb(accelerator)
+    try:
+        records = rundir.read_metrics(run_dir)
+    except RunDirError:
+        return now  # a damaged metrics file must not fail the end of a run
+    return max([now, *(v for _, v in rundir.metric_series(records, PEAK_METRIC))])
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> str:

@@ -59,8 +59,8 @@ class AdapterTransform(LoraTransform):
 
         compile_groups(self.config.groups)  # a bad group regex is a config error
         c, a = self.config, self.adapter_config
-        if c.enabled and (c.r != a.get("r") or sorted(c.target_modules) != sorted(
-                a.get("target_modules") or [])):
+        if c.enabled and (c.r != a.get("r") or _names(c.target_modules) != _names(
+                a.get("target_modules"))):
             warnings.warn(f"model.path is a LoRA adapter ({self.path}): it is continued with "
                           f"its own r={a.get('r')} and target_modules={a.get('target_modules')}; "
                           "lora.r and lora.target_modules are not used", stacklevel=2)
@@ -75,3 +75,9 @@ class AdapterTransform(LoraTransform):
     def phase_settings(self, phases: Any) -> tuple[Any, int | None]:
         phases, _ = super().phase_settings(phases)
         return phases, self.rank
+
+
+def _names(target_modules: Any) -> Any:
+    """Target modules compared as a set of names (PEFT saves a list as a set's order), or as
+    the regex string they are."""
+    return set(target_modules) if isinstance(target_modules, list | tuple | set) else target_modules
