@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         "validate",
         help="print DIR's kind (full, sharded, adapter); exit 0 when valid, 2 listing every "
              "problem",
-        description="Check that DIR is a complete full, sharded or adapter model directory "
+        description="Check that DIR is a complete full, sharded or adapter model directory\n"
                     "and print its kind, or every problem found. Exit 0 when valid, 2 when not.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("dir", metavar="DIR", help="a model directory, e.g. RUN_DIR/final")
