@@ -100,7 +100,8 @@ def test_dispatch_reaches_each_verb(capsys: pytest.CaptureFixture[str], tmp_path
     code, _, err = call(capsys, "checkpoint", "inspect", str(tmp_path / "nope"))
     assert code == 2 and err.startswith(f"error: {tmp_path / 'nope'} does not exist")
     code, _, err = call(capsys, "model", "validate", str(tmp_path))
-    assert code == 2 and "missing: config.json, weights" in err
+    assert code == 2 and err.startswith(f"error: model directory {tmp_path} is not valid (1 "
+                                        "problem):\n  - the directory is empty")
     code, out, _ = call(capsys)
     assert code == 2 and "COMMAND" in out
 

@@ -822,14 +822,15 @@ def test_model_dir_missing_config(model_job, capsys: pytest.CaptureFixture[str])
     make, _ = model_job
     cfg, d = make("noconfig", _drop("config.json"))
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and err.strip() == f"error: model directory {d} is missing: config.json"
+    assert code == 2 and err.strip() == (f"error: model directory {d} is not valid (1 problem):"
+                                         "\n  - config.json is missing")
 
 
 def test_model_dir_missing_weights(model_job, capsys: pytest.CaptureFixture[str]) -> None:
     make, shards = model_job
     cfg, d = make("noweights", _drop(*shards, "model.safetensors.index.json"))
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and f"model directory {d} is missing: weights" in err
+    assert code == 2 and f"model directory {d} is not valid (1 problem):\n  - no weights: " in err
 
 
 def test_empty_model_dir_lists_everything(model_job, capsys: pytest.CaptureFixture[str]) -> None:
@@ -837,7 +838,8 @@ def test_empty_model_dir_lists_everything(model_job, capsys: pytest.CaptureFixtu
     cfg, d = make("empty")
     d.mkdir()
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and "missing: config.json, weights" in err
+    assert code == 2 and f"model directory {d} is not valid (1 problem):\n  - the directory " \
+        "is empty" in err
 
 
 @pytest.mark.parametrize("missing", ["all", "one", "last"])
@@ -847,9 +849,9 @@ def test_model_dir_missing_shards_are_all_listed(missing: str, model_job,
     gone = {"all": shards, "one": shards[1:2], "last": shards[-1:]}[missing]
     cfg, d = make(f"noshards-{missing}", _drop(*gone))
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and f"error: model directory {d} is missing: " in err
+    assert code == 2 and f"error: model directory {d} is not valid ({len(gone)} problem" in err
     for shard in shards:
-        assert (f"shard {shard} (listed in model.safetensors.index.json)" in err) == \
+        assert (f"shard {shard} is missing (listed in model.safetensors.index.json)" in err) == \
             (shard in gone), shard
 
 
@@ -858,13 +860,15 @@ def test_model_dir_bad_index_and_not_a_directory(model_job, tmp_path: Path,
     make, _ = model_job
     cfg, d = make("badindex", lambda d: (d / "model.safetensors.index.json").write_text("{"))
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and "model.safetensors.index.json is not a valid shard index" in err
+    assert code == 2 and "model.safetensors.index.json is not valid JSON" in err
     cfg, d = make("nothere")
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and f"model.path {d} is not a directory" in err
+    assert code == 2 and f"model directory {d} is not valid (1 problem):\n  - the directory " \
+        "does not exist" in err
     cfg, d = make("badconfig", lambda d: (d / "config.json").write_text('{"model_type": '))
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and f"cannot load the model in {d}" in err
+    assert code == 2 and f"model directory {d} is not valid" in err and \
+        "config.json is not valid JSON" in err
 
 
 @settings(FUZZ, max_examples=40 * SCALE)
@@ -884,9 +888,10 @@ def test_fuzzed_shard_index_is_a_clear_error(weight_map: Any, model_job,
     assert code == 2, err
     if isinstance(weight_map, dict):
         for shard in set(weight_map.values()):
-            assert f"shard {shard} (listed in model.safetensors.index.json)" in err
+            assert (f"shard {shard} is missing (listed in model.safetensors.index.json)" in err
+                    if shard not in (".", "..") else f"{shard!r}" in err), shard
     else:
-        assert "is not a valid shard index" in err
+        assert "has no 'weight_map' (a non-empty object of tensor name -> shard file)" in err
     shutil.rmtree(d)
 
 
@@ -917,7 +922,7 @@ def test_empty_model_dir_with_auto_tokenizer_lists_what_is_missing(
     cfg, d = make("empty-auto", tokenizer="auto")
     d.mkdir(exist_ok=True)
     code, _, err = train_model_dir(capsys, cfg)
-    assert code == 2 and "missing: config.json, weights" in err
+    assert code == 2 and "the directory is empty" in err
 
 
 # =============================================================================== figures

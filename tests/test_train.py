@@ -325,7 +325,7 @@ def test_train_from_a_local_model_directory(tmp_path: Path, make_config) -> None
     assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)
 
     (model_dir / "config.json").unlink()
-    with pytest.raises(gs.ModelError, match=r"missing: config.json"):
+    with pytest.raises(gs.ModelError, match=r"not valid \(1 problem\):\n  - config.json is missing"):
         gs.train(cfg)
 
 

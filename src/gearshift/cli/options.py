@@ -90,7 +90,8 @@ def add_config_args(p: argparse.ArgumentParser, *, flags: bool = True) -> None:
                            dest=_PREFIX + flag)
     group.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                        default=argparse.SUPPRESS, dest=_PREFIX + "--gradient-checkpointing",
-                       help="recompute activations in backward to save memory "
+                       help="recompute activations in backward to save memory (watch "
+                            "memory/peak_mb in metrics.jsonl; bench/memory.py measures it) "
                             "[training.gradient_checkpointing]")
     group.add_argument("--disable-checkpointing", action="store_true", default=argparse.SUPPRESS,
                        dest=_PREFIX + "--disable-checkpointing",

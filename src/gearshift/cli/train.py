@@ -17,6 +17,10 @@ NAME = "train"
 
 EPILOG = """\
 precedence: defaults < CONFIG < flags < --set (repeatable; values are YAML: 5, 0.1, null, [1,2])
+at the end it prints the run directory, steps, eval loss, the run's peak memory (CPU: peak RSS
+of the process; CUDA: max allocated; per logged step as memory/peak_mb in metrics.jsonl) and
+the final model directory (validated by `gearshift model validate`)
+model.path may be a model directory or a LoRA adapter directory (the adapter is continued)
 examples:
   gearshift train                                   # the embedded default recipe
   gearshift train my.yaml --max-steps 500 --set data.seq_len=256
@@ -64,6 +68,8 @@ def report_run(start: Callable[[], RunResult]) -> int:
         line = f"eval loss: {before:.4f} -> {m['eval/loss']:.4f}" if before is not None else \
             f"eval loss: {m['eval/loss']:.4f}"
         print(line + f" (perplexity {m['eval/ppl']:.2f})")
+    if "memory/peak_mb" in m:
+        print(f"peak memory: {m['memory/peak_mb']:,.0f} MiB")
     if result.final_dir is not None:
         print(f"final model: {result.final_dir}")
     print(f"curves: tensorboard --logdir {RunPaths(result.run_dir).tensorboard}")

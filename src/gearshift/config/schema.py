@@ -40,7 +40,8 @@ class ModelConfig(Section):
     """Where the model comes from: a local Hugging Face directory, or built from sizes."""
 
     path: str | None = Field(
-        None, description="local Hugging Face model directory; when null the model is built"
+        None, description="local Hugging Face model directory, or a LoRA adapter directory to "
+        "continue (its base is the model adapter_config.json names); when null the model is built"
     )
     build: ModelBuild = Field(default_factory=ModelBuild)
     tokenizer: Literal["auto", "byte"] = Field(

@@ -54,14 +54,18 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(kind: str, model_path: str | None) -> PreTrainedTokenizerBase:
-    """The tokenizer for a run: byte-level, or the one saved in a local model directory."""
+    """The tokenizer for a run: byte-level, or the one saved in a local model directory (for a
+    LoRA adapter directory: its own, else its base model's)."""
     if kind == "byte" or (kind == "auto" and model_path is None):
         return byte_level_tokenizer()
     if model_path is None:
         raise ModelError("model.tokenizer is 'auto' but model.path is not set; "
                          "set model.path or use model.tokenizer: byte")
     try:
-        tok = AutoTokenizer.from_pretrained(str(Path(model_path)), local_files_only=True)
+        from gearshift.models import tokenizer_dir
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(Path(model_path))),
+                                            local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load a tokenizer from {model_path}: {exc}. Save one there with "

@@ -10,12 +10,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from gearshift.config import Config
 from gearshift.config.schema import ModelConfig
-from gearshift.errors import ModelError
-from gearshift.models import validate_model_dir
+from gearshift.models import load_base_model, require_model_dir
 from gearshift.train.task import EvalLoop, LossOutput, Task, TaskParts, perplexity
 
 IGNORE_INDEX = -100
@@ -26,11 +25,14 @@ def build_causal_lm(cfg: ModelConfig, *, vocab_size: int, bos_token_id: int | No
                     ) -> PreTrainedModel:
     """A causal LM from a local Hugging Face directory, or a Llama built from ``cfg.build``.
 
+    When ``cfg.path`` is a LoRA adapter directory, this is its base model; the adapter is put
+    on (and trained further) by the model transform :class:`gearshift.transforms.AdapterTransform`.
+
     Raises:
-        ModelError: when ``cfg.path`` is missing its config or weights, naming what is missing.
+        ModelError: when ``cfg.path`` is not a valid model directory, naming every problem.
     """
     if cfg.path is not None:
-        return _load_local(Path(cfg.path))
+        return load_base_model(Path(cfg.path))
     b = cfg.build
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -48,16 +50,6 @@ def build_causal_lm(cfg: ModelConfig, *, vocab_size: int, bos_token_id: int | No
         pad_token_id=pad_token_id,
     )
     return LlamaForCausalLM(config)
-
-
-def _load_local(path: Path) -> PreTrainedModel:
-    validate_model_dir(path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                    use_safetensors=None)
-    except Exception as exc:  # transformers, safetensors and torch each raise their own types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the model in {path}: {first}") from None
 
 
 class CausalLMLoss:
@@ -118,7 +110,8 @@ class LMTask(Task):
 
         cfg = self.config
         if cfg.model.path is not None:
-            validate_model_dir(cfg.model.path)  # list what is missing before the tokenizer complains
+            # Every problem of the directory before the tokenizer complains about the first one.
+            require_model_dir(cfg.model.path, tokenizer=cfg.model.tokenizer == "auto")
         tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
         d = cfg.data
         corpus = load_corpus(d.source, d.paths, text_field=d.text_field,

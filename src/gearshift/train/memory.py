@@ -1,13 +1,59 @@
-"""Activation (gradient) checkpointing for Hugging Face models and plain modules."""
+"""Memory: activation (gradient) checkpointing, and the peak memory a run reports."""
 
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gearshift.errors import ConfigError, Problem
+from gearshift import rundir
+from gearshift.errors import ConfigError, Problem, RunDirError
+
+#: The metric (per logged step, and the run's peak in the ``end`` event and the result).
+PEAK_METRIC = "memory/peak_mb"
+
+
+def process_peak_rss_mb() -> float:
+    """The peak resident set size of this process so far, in MiB."""
+    try:
+        import resource
+    except ImportError:  # Windows: no resource module
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
+
+
+def peak_memory_mb(accelerator: Any) -> float:
+    """The peak memory so far, in MiB, the largest over the processes of a distributed run.
+
+    On a CUDA device: ``torch.cuda.max_memory_allocated`` (tensors, not the allocator's cache);
+    elsewhere: the process's peak resident set size (everything the process holds).
+    """
+    device = accelerator.device
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = process_peak_rss_mb()
+    if accelerator.num_processes == 1:
+        return peak
+    return float(accelerator.gather(torch.tensor([peak], device=device)).max())
+
+
+def run_peak_mb(run_dir: Path, accelerator: Any) -> float:
+    """The run's peak: now, or as logged earlier (before a resume: another process)."""
+    now = peak_memory_mb(accelerator)
+    try:
+        records = rundir.read_metrics(run_dir)
+    except RunDirError:
+        return now  # a damaged metrics file must not fail the end of a run
+    return max([now, *(v for _, v in rundir.metric_series(records, PEAK_METRIC))])
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> str:

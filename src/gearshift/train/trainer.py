@@ -27,7 +27,12 @@ from gearshift.train.evaluate import Evaluator
 from gearshift.train.faults import install_nan_fault, install_oom_fault
 from gearshift.train.interrupt import StopRequest, TrainingInterrupted
 from gearshift.train.logger import RunLogger
-from gearshift.train.memory import enable_gradient_checkpointing
+from gearshift.train.memory import (
+    PEAK_METRIC,
+    enable_gradient_checkpointing,
+    peak_memory_mb,
+    run_peak_mb,
+)
 from gearshift.train.recovery import Recovery
 from gearshift.train.state import TrainState
 from gearshift.train.stream import BatchStream
@@ -319,6 +324,7 @@ class Trainer:
                         metrics["tokens_per_s"] = (s.tokens_seen - interval_tokens) / max(
                             now - interval_start, 1e-9)
                         metrics["loss_avg"] = sum(interval_losses) / len(interval_losses)
+                        metrics[PEAK_METRIC] = peak_memory_mb(self.accelerator)
                         interval_start, interval_tokens, interval_losses = now, s.tokens_seen, []
                         self.logger.log_metrics(s.step, metrics)
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -382,6 +388,7 @@ class Trainer:
         if self.state.initial_eval:
             metrics["eval/loss_before"] = self.state.initial_eval["eval/loss"]
         metrics.update(final_eval)
+        metrics[PEAK_METRIC] = run_peak_mb(self.run_dir, self.accelerator)
         self.logger.log_event(self.step, "end", **metrics)
         self.logger.close()
         self.accelerator.wait_for_everyone()  # no rank leaves while another still exports

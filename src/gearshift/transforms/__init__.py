@@ -1,12 +1,16 @@
 """Model transforms: what changes a model before training, and how it is saved and exported.
 
 :func:`build_transforms` reads the config and returns the chain in its declared order (LoRA
-now; a quantized base goes *before* LoRA once it exists, so adapters sit on top of it).
+now; a quantized base goes *before* LoRA once it exists, so adapters sit on top of it). When
+``model.path`` is a LoRA adapter directory the LoRA slot continues that adapter
+(:class:`AdapterTransform`) instead of attaching a new one.
 """
 
 from __future__ import annotations
 
 from gearshift.config import Config
+from gearshift.models import is_adapter_dir
+from gearshift.transforms.adapter import AdapterTransform
 from gearshift.transforms.base import Transform, TransformChain, save_plain
 from gearshift.transforms.lora import LoraTransform
 
@@ -17,10 +21,12 @@ ORDER: tuple[str, ...] = ("lora",)
 def build_transforms(config: Config) -> TransformChain:
     """The transforms ``config`` enables, in :data:`ORDER`."""
     found: dict[str, Transform] = {}
-    if config.lora.enabled:
+    if is_adapter_dir(config.model.path):
+        found["lora"] = AdapterTransform(config.model.path, config.lora)  # type: ignore[arg-type]
+    elif config.lora.enabled:
         found["lora"] = LoraTransform(config.lora)
     return TransformChain(found[name] for name in ORDER if name in found)
 
 
-__all__ = ["ORDER", "LoraTransform", "Transform", "TransformChain", "build_transforms",
-           "save_plain"]
+__all__ = ["ORDER", "AdapterTransform", "LoraTransform", "Transform", "TransformChain",
+           "build_transforms", "save_plain"]

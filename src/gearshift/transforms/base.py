@@ -139,7 +139,7 @@ class TransformChain:
                tokenizer: Any = None) -> Path:
         """Write the trained model to ``directory`` atomically (temp dir, then rename).
 
-        The tokenizer, when given, is saved beside it.
+        The tokenizer, when given, is saved beside it (and beside a base model saved inside it).
         """
         tmp = directory.with_name(directory.name + ".tmp")
         if tmp.exists():
@@ -156,7 +156,10 @@ class TransformChain:
         else:
             save_plain(model, tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(tmp))
+            # Beside the export and beside any full model it holds (an adapter's saved base),
+            # so that each is a complete model directory.
+            for target in [tmp, *(d for d in tmp.iterdir() if (d / "config.json").is_file())]:
+                tokenizer.save_pretrained(str(target))
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             if old.exists():

@@ -3,10 +3,17 @@
 Checkpoints hold the adapter tensors only (the base is rebuilt from its source); the default
 export is a PEFT adapter directory with the alphas in force, and ``merged=True`` folds the
 adapters into the base weights for a full model directory.
+
+An exported adapter names a base model that exists locally, so that it validates as an
+``adapter`` directory and loads anywhere: the directory the base was loaded from (absolute), or,
+for a base built from a config, a copy of it saved in ``base/`` inside the adapter directory
+(``base_model_name_or_path: base``, relative to the adapter).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -92,3 +99,34 @@ class LoraTransform(Transform):
         from gearshift.lora import export_adapter
 
         export_adapter(model, directory)  # type: ignore[arg-type]
+        name_base(model, directory)
+
+
+#: Where an adapter exported from a base built from a config keeps that base.
+BASE_DIR = "base"
+
+
+def name_base(model: nn.Module, directory: Path) -> None:
+    """Point the exported adapter's ``base_model_name_or_path`` at a local base model.
+
+    The base's own directory when it was loaded from one (absolute, so the adapter loads from
+    any working directory); a base built from a config (no source at all) is saved in
+    ``directory/base``. Any other name (a hub id) is left as PEFT wrote it, and so is the base
+    of a module that is not a transformers model (no ``save_pretrained``).
+    """
+    from gearshift.lora import base_model_of
+
+    base = base_model_of(model)
+    source = getattr(getattr(base, "config", None), "_name_or_path", None)
+    if isinstance(source, str) and source and (Path(source) / "config.json").is_file():
+        named = str(Path(source).resolve())
+    elif not source and hasattr(base, "save_pretrained"):
+        # Unloading changes the modules in place: unload a copy, the trained model stays.
+        save_plain(copy.deepcopy(model).unload(), directory / BASE_DIR)
+        named = BASE_DIR
+    else:
+        return
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = named
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
