@@ -202,9 +202,14 @@ def _file_problems(path: Path, data: Any) -> list[Problem]:
     return out
 
 
+def today() -> datetime.date:
+    """The date a run starting now fixes as ``profile.date``."""
+    return datetime.date.today()
+
+
 def _as_date(value: str | datetime.date | None) -> datetime.date:
     if value is None:
-        return datetime.date.today()
+        return today()
     if isinstance(value, datetime.date):
         return value
     try:
