@@ -283,3 +283,13 @@ def test_sft_with_generation_eval_survives_sigkill_with_exact_resume(tmp_path: P
     wa = load_file(straight.run_dir / "final" / "model.safetensors")
     wb = load_file(run_dir / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sft_with_lora_generates_through_the_adapter(tmp_path: Path) -> None:
+    cfg = sft_config(tmp_path, "lora", lora={"enabled": True, "r": 4, "alpha": 8.0},
+                     training={"max_steps": 4})
+    result = gs.train(cfg)
+    evals = [r for r in rows(result.run_dir / "metrics.jsonl") if "eval/exact_match" in r]
+    assert [r["step"] for r in evals] == [0, 4]
+    assert (result.run_dir / "final" / "adapter_config.json").is_file()
+    assert len(rows(result.run_dir / "samples.jsonl")) == 4

@@ -2,9 +2,9 @@
 
 Prompts are rendered with the same chat template and system prompt as training, batched with
 left padding (so every row's answer starts at the same column), and decoded greedily with the
-KV cache unless a temperature is set. Sampling draws from a generator forked off the global
-one and seeded by the run's seed and step, so an evaluation never moves the training RNG and a
-resumed run generates the very same answers.
+KV cache unless a temperature is set. Sampling draws from RNG state forked off the global one
+and seeded by the run's seed, so an evaluation never moves the training RNG and a resumed run
+generates the very same answers.
 """
 
 from __future__ import annotations
