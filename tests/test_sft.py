@@ -293,3 +293,15 @@ def test_sft_with_lora_generates_through_the_adapter(tmp_path: Path) -> None:
     assert [r["step"] for r in evals] == [0, 4]
     assert (result.run_dir / "final" / "adapter_config.json").is_file()
     assert len(rows(result.run_dir / "samples.jsonl")) == 4
+
+
+def test_config_errors_name_what_sft_needs(tmp_path: Path) -> None:
+    with pytest.raises(gs.ConfigError) as err:
+        gs.load_config({"task": "sft", "sft": {"train_on": "user"}})
+    text = str(err.value)
+    assert "data.source: task: sft reads chat conversations, not 'pydoc_topics'" in text
+    assert "sft.train_on" in text
+    with pytest.raises(gs.ConfigError, match="eval.generate: task: lm has no prompts"):
+        gs.load_config({"eval": {"generate": {"num_samples": 4}}})
+    with pytest.raises(gs.ConfigError, match="eval.generate.max_new_tokens"):
+        gs.load_config(sft_config(tmp_path, eval={"generate": {"max_new_tokens": 0}}))

@@ -23,10 +23,11 @@ from torch import nn
 
 from gearshift import rundir
 from gearshift.config import Config
+from gearshift.config.extensions import register_check
 from gearshift.data import profiles
 from gearshift.data.chat import ChatCollator, ChatExample, last_assistant, tokenize_conversation
 from gearshift.data.synthetic import make_examples, normalize, score
-from gearshift.errors import DataError, ModelError
+from gearshift.errors import DataError, ModelError, Problem
 from gearshift.models import validate_model_dir
 from gearshift.tasks.generation import GenerationPrompt, exact_match_scores, generate_answers
 from gearshift.tasks.lm import CausalLMLoss, build_causal_lm
@@ -144,8 +145,11 @@ class SftTask(Task):
             raise DataError(f"task: sft reads chat conversations: set data.source to 'jsonl' "
                             f"(a {d.messages_field!r} field per line) or 'synthetic', not "
                             f"{d.source!r}")
-        put = lambda c: profiles.apply_policy(c, self.system_prompt, p.policy)  # noqa: E731
-        return [put(c) for c in chats], [put(c) for c in held_out], skipped
+
+        def with_profile(chat: list[dict[str, str]]) -> list[dict[str, str]]:
+            return profiles.apply_policy(chat, self.system_prompt, p.policy)
+
+        return [with_profile(c) for c in chats], [with_profile(c) for c in held_out], skipped
 
     def _tokenize(self, chats: list[list[dict[str, str]]], split: str) -> list[dict[str, Any]]:
         out = []
@@ -207,6 +211,24 @@ class SftTask(Task):
                   f"config now renders {self.system_prompt!r}; to continue on the same text, "
                   "resume with `gearshift resume RUN_DIR` (its config.yaml keeps profile.date) "
                   "or set profile.date", file=sys.stderr)
+
+
+@register_check
+def _sft_config_problems(raw: Mapping[str, Any]) -> list[Problem]:
+    """``task: sft`` reads conversations; ``eval.generate`` needs a task that generates."""
+    if not isinstance(raw, Mapping):
+        return []
+    data, evals = raw.get("data"), raw.get("eval")
+    source = data.get("source", "pydoc_topics") if isinstance(data, Mapping) else None
+    out = []
+    if raw.get("task") == "sft" and source in ("pydoc_topics", "text"):
+        out.append(Problem("data.source", f"task: sft reads chat conversations, not {source!r};"
+                           " set data.source to 'jsonl' (a messages field per line) or "
+                           "'synthetic'"))
+    if raw.get("task", "lm") == "lm" and isinstance(evals, Mapping) and evals.get("generate"):
+        out.append(Problem("eval.generate", "task: lm has no prompts to answer; generation "
+                           "eval is for chat runs (task: sft)"))
+    return out
 
 
 class ChatRunCallback(Callback):
