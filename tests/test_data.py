@@ -102,3 +102,22 @@ def test_packing_keeps_every_token_and_holds_out() -> None:
 def test_too_little_data_is_an_error() -> None:
     with pytest.raises(DataError, match="fewer than one sequence"):
         pack_documents(["abc"], byte_level_tokenizer(), seq_len=64)
+
+
+def test_byte_tokenizer_chat_template_survives_save_and_marks_assistant_tokens(
+        tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    byte_level_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+2="},
+                {"role": "assistant", "content": "3"}, {"role": "user", "content": "ok?"},
+                {"role": "assistant", "content": "yes"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        "<|bos|>system: Be brief.\nuser: 1+2=\nassistant: 3<|eos|>\nuser: ok?\n"
+        "assistant: yes<|eos|>\n")
+    out = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    targets = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tok.decode(targets) == "3<|eos|>yes<|eos|>"
+    assert tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) \
+        .endswith("user: 1+2=\nassistant: ")

@@ -57,7 +57,7 @@ def train(config: Config | Mapping[str, Any] | str | Path | None = None, *,
     task = TASKS[cfg.task](cfg)  # the name was validated with the config
     parts = task.build()
     trainer = Trainer(parts.model, parts.train_data, cfg, eval_data=parts.eval_data,
-                      callbacks=callbacks, resume_from=resume_dir, tokenizer=parts.tokenizer,
+                      callbacks=[*callbacks, *parts.callbacks], resume_from=resume_dir, tokenizer=parts.tokenizer,
                       collate_fn=parts.collate_fn, audit=audit, task=task,
                       transforms=build_transforms(cfg))
     result = trainer.fit()

@@ -7,6 +7,7 @@ Llama-architecture model trained on the Python reference manual that ships with 
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any, Literal
 
@@ -51,13 +52,27 @@ class ModelConfig(Section):
     )
 
 
-class DataConfig(Section):
-    """Training text: the built-in corpus, plain-text files or JSONL files."""
+class SyntheticData(Section):
+    """A built-in verifiable task (``gearshift.data.synthetic``) as chat conversations."""
 
-    source: Literal["pydoc_topics", "text", "jsonl"] = Field(
+    name: str = Field(..., min_length=1, description="a synthetic task: addition, reverse, "
+                      "sort_digits")
+    num_train: int = Field(2000, ge=1, description="training problems")
+    num_eval: int = Field(200, ge=1, description="held-out problems (never a training prompt)")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="the task's options, e.g. {digits: 2}")
+
+
+class DataConfig(Section):
+    """Training text: the built-in corpus, plain-text files, JSONL files or a synthetic task."""
+
+    source: Literal["pydoc_topics", "text", "jsonl", "synthetic"] = Field(
         "pydoc_topics",
-        description="pydoc_topics = the Python reference manual shipped with CPython",
+        description="pydoc_topics = the Python reference manual shipped with CPython; "
+        "synthetic = a built-in verifiable chat task (task: sft)",
     )
+    synthetic: SyntheticData | None = Field(
+        None, description="with source synthetic: {name, num_train, num_eval, options}")
     paths: list[str] = Field(default_factory=list, description="files for text / jsonl")
     text_field: str = Field("text", description="JSONL field holding plain text")
     messages_field: str = Field("messages", description="JSONL field holding chat messages")
@@ -211,6 +226,51 @@ class FaultsConfig(Section):
         "spoils one attempt, so repeat a step to make it fail several times in a row")
 
 
+class ProfileConfig(Section):
+    """The system prompt of chat runs: a named profile and what fills its placeholders."""
+
+    name: str = Field("default", min_length=1, description="a built-in profile (default, "
+                      "concise, none) or a path to a profile YAML file")
+    variables: dict[str, str] = Field(default_factory=dict,
+                                      description="values for the profile's own placeholders")
+    date: str | None = Field(None, description="YYYY-MM-DD for {date} and {weekday}; null = "
+                             "the day the run starts (then written here, so a resume keeps it)")
+    policy: Literal["replace", "keep", "prepend"] = Field(
+        "replace", description="a conversation with its own system message: replace it with "
+        "the profile's, keep it, or put the profile's first")
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _iso_date(cls, value: Any) -> str | None:
+        if value is None:
+            return value
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-12-03 as a date
+            return value.isoformat()
+        try:
+            return datetime.date.fromisoformat(str(value)).isoformat()
+        except ValueError:
+            raise ValueError(f"expected a date as YYYY-MM-DD, got {value!r}") from None
+
+
+class GenerateConfig(Section):
+    """Evaluation by generation: answer held-out prompts and score them."""
+
+    num_samples: int = Field(64, ge=1, description="held-out prompts answered per evaluation")
+    max_new_tokens: int = Field(16, ge=1, description="longest answer generated")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy; above 0 samples (seeded)")
+    batch_size: int = Field(32, ge=1, description="prompts generated at once (left-padded)")
+    keep_samples: int = Field(4, ge=0, description="prompt / completion / reference triples "
+                              "written to samples.jsonl per evaluation")
+
+
+class EvalConfig(Section):
+    """What an evaluation does besides the eval loss."""
+
+    generate: GenerateConfig | None = Field(
+        None, description="also generate answers and log eval/exact_match (task: sft); "
+        "null = off")
+
+
 class Config(Section):
     """The whole run configuration.
 
@@ -235,6 +295,8 @@ class Config(Section):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     phases: dict[str, Any] | None = Field(
         None, description="the phase controller (gearshift's schema or the LoRA-trainer "
         "schema); see the README section 'Adaptive phases'")

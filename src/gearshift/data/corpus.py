@@ -67,7 +67,7 @@ def load_corpus(
         if not raw.strip():
             raise DataError(f"{p}: data file is empty")
         if source == "text":
-            corpus.documents.append(_decode(p, raw))
+            corpus.documents.append(decode_text(p, raw))
         elif source == "jsonl":
             _read_jsonl(p, raw, corpus, text_field, messages_field, on_error,
                         format_messages or _plain_chat)
@@ -81,7 +81,7 @@ def load_corpus(
     return corpus
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def decode_text(path: Path, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -105,7 +105,7 @@ def _read_jsonl(
     on_error: str,
     format_messages: Any,
 ) -> None:
-    text = _decode(path, raw)
+    text = decode_text(path, raw)
     # Only "\n" ends a JSONL line: str.splitlines() would also split inside records holding
     # U+2028, form feeds and the like, and shift every later line number.
     for lineno, line in enumerate(text.split("\n"), start=1):

@@ -15,6 +15,24 @@ from gearshift.errors import ModelError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
+#: The byte-level tokenizer's chat template: ``role: content`` lines after BOS, each assistant
+#: reply ending in EOS. The ``{% generation %}`` markers around the reply (and its EOS, so the
+#: model learns to stop) are what ``apply_chat_template(..., return_assistant_tokens_mask=True)``
+#: reads to mark assistant tokens. Bytes are tokens here, so the scaffolding is kept short.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- 'assistant: ' -}}"
+    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- message['role'] + ': ' + message['content'] + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'assistant: ' -}}{%- endif -%}"
+)
+
 
 @lru_cache(maxsize=1)
 def _byte_to_unicode() -> dict[int, str]:
@@ -34,6 +52,9 @@ def _byte_to_unicode() -> dict[int, str]:
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """Build the byte-level tokenizer (vocabulary: 256 bytes, then BOS, EOS, PAD).
 
+    It carries :data:`CHAT_TEMPLATE`, saved with it, so ``apply_chat_template`` works on the
+    tokenizer of any run's ``final/`` directory.
+
     Example:
         >>> tok = byte_level_tokenizer()
         >>> tok("hi")["input_ids"]
@@ -49,7 +70,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        model_max_length=1 << 30,
+        model_max_length=1 << 30, chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -7,6 +7,7 @@ A run directory looks like this (see DESIGN.md)::
       overrides.json       where each non-default value came from
       metrics.jsonl        one JSON object per logged step
       events.jsonl         phase transitions, recoveries, checkpoints, resumes
+      samples.jsonl        generated answers at evaluations (prompt, completion, reference)
       tensorboard/
       checkpoints/step-XXXXXXXX/ and checkpoints/latest -> step-…
       final/               the exported model or adapter
@@ -24,6 +25,7 @@ CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.json"
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -42,6 +44,8 @@ class RunPaths:
         overrides: ``overrides.json``, where each non-default config value came from.
         metrics: ``metrics.jsonl``, one JSON object per logged step.
         events: ``events.jsonl``, one JSON object per event.
+        samples: ``samples.jsonl``, answers generated at evaluations (step, prompt,
+            completion, reference, score).
         tensorboard: ``tensorboard/``, the TensorBoard event files.
         checkpoints: ``checkpoints/``, the ``step-XXXXXXXX`` folders and the ``latest`` link.
         latest: ``checkpoints/latest``, the link to the newest checkpoint.
@@ -59,6 +63,7 @@ class RunPaths:
         self.overrides = self.root / OVERRIDES_FILE
         self.metrics = self.root / METRICS_FILE
         self.events = self.root / EVENTS_FILE
+        self.samples = self.root / SAMPLES_FILE
         self.tensorboard = self.root / TENSORBOARD_DIR
         self.checkpoints = self.root / CHECKPOINTS_DIR
         self.latest = self.checkpoints / LATEST_LINK

@@ -8,10 +8,12 @@
 from gearshift.config.extensions import TASK_REGISTRY
 from gearshift.tasks.base import EvalLoop, LossOutput, Task, TaskParts, TokenWeightedLoss
 from gearshift.tasks.lm import CausalLMLoss, LMTask, build_causal_lm
+from gearshift.tasks.sft import SftSection, SftTask
 
 #: Task name -> class. The same dict the config validates ``task:`` against.
 TASKS = TASK_REGISTRY
 TASKS.setdefault(LMTask.name, LMTask)
+TASKS.setdefault(SftTask.name, SftTask)
 
-__all__ = ["TASKS", "CausalLMLoss", "EvalLoop", "LMTask", "LossOutput", "Task", "TaskParts",
-           "TokenWeightedLoss", "build_causal_lm"]
+__all__ = ["TASKS", "CausalLMLoss", "EvalLoop", "LMTask", "LossOutput", "SftSection", "SftTask",
+           "Task", "TaskParts", "TokenWeightedLoss", "build_causal_lm"]

@@ -54,6 +54,8 @@ class TaskParts:
         tokenizer: Saved beside the model in ``final/`` when given.
         collate_fn: Merges samples into a batch (default: torch's ``default_collate``).
         result_metrics: Figures about the build (e.g. skipped data lines) added to the result.
+        callbacks: The task's own observers of the run (e.g. to write a file of its own into
+            the run directory); they run after the user's callbacks.
     """
 
     model: nn.Module
@@ -62,6 +64,7 @@ class TaskParts:
     tokenizer: Any = None
     collate_fn: Callable[[list[Any]], Any] | None = None
     result_metrics: dict[str, float] = field(default_factory=dict)
+    callbacks: list[Any] = field(default_factory=list)
 
 
 class EvalLoop(Protocol):
