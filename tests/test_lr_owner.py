@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import gearshift as gs
+from gearshift.checkpoint import step_dir_name
 from gearshift.schedules import lr_multiplier
 
 PEAK = 1e-3
@@ -44,7 +45,7 @@ class CrashAt(gs.Callback):
         self.step = step
 
     def on_checkpoint(self, trainer: gs.Trainer, path: Path) -> None:
-        if trainer.step == self.step:
+        if path.name == step_dir_name(self.step):  # committed (later, with checkpoint.async)
             raise Crash(str(trainer.run_dir))
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import gearshift as gs
+from gearshift.checkpoint import step_dir_name
 
 PHASES = {
     "window": 5,
@@ -40,7 +41,7 @@ class CrashAt(gs.Callback):
         self.step = step
 
     def on_checkpoint(self, trainer: gs.Trainer, path: Path) -> None:
-        if trainer.step == self.step:
+        if path.name == step_dir_name(self.step):  # committed (later, with checkpoint.async)
             raise Crash(str(trainer.run_dir))
 
 
