@@ -18,7 +18,7 @@ from typing import Any
 
 from gearshift.checkpoint.snapshot import Snapshot
 
-_CHUNK = 64 << 20
+_CHUNK = 8 << 20
 _HASH_WORKERS = 2
 
 
