@@ -155,10 +155,13 @@ class CheckpointManager:
         waited = self._finish_in_flight()
         snapshot = self._snapshot(step, model, optimizer, payloads, extra_tensors or {})
         if not asynchronous:
-            return self._write(snapshot, final, keep=False)
+            path = self._write(snapshot, final)
+            self._after_commit(snapshot, keep=False)
+            return path
         handle = PendingSave(step, final, blocked_s=time.perf_counter() - start, waited_s=waited)
         self._in_flight = handle
-        handle._run(lambda: self._write(snapshot, final, keep=True))
+        handle._run(lambda: self._write(snapshot, final),
+                    then=lambda: self._after_commit(snapshot, keep=True))
         return handle
 
     @property
@@ -167,9 +170,13 @@ class CheckpointManager:
         return self._in_flight
 
     def wait(self) -> Path | None:
-        """Wait for the background save, if any: its committed folder, or its error raised."""
+        """Wait for the background save, if any, retention included: its committed folder, or
+        its error raised."""
         handle, self._in_flight = self._in_flight, None
-        return handle.wait() if handle is not None else None
+        if handle is None:
+            return None
+        handle.join_quietly()
+        return handle.wait()
 
     def _finish_in_flight(self) -> float:
         """Let the background save finish; seconds waited. Raises its error if never given."""
@@ -201,8 +208,8 @@ class CheckpointManager:
         snapshot.payloads.update(payloads)
         return snapshot
 
-    def _write(self, snapshot: Snapshot, final: Path, keep: bool) -> Path:
-        """Write, commit, move ``latest``, apply retention (in the writer's thread when async)."""
+    def _write(self, snapshot: Snapshot, final: Path) -> Path:
+        """Write, commit, move ``latest`` (in the writer's thread when asynchronous)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._clean_stale()
         tmp = self.directory / make_temp_name("tmp", final.name)
@@ -223,6 +230,10 @@ class CheckpointManager:
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(tmp.name)
         replace_symlink(self.directory / LATEST_LINK, final.name)
+        return final
+
+    def _after_commit(self, snapshot: Snapshot, keep: bool) -> None:
+        """Retention, and keeping the snapshot's memory for the next one (after the commit)."""
         if keep:
             for image in snapshot.tensors.values():
                 image.keep()
@@ -230,7 +241,6 @@ class CheckpointManager:
         else:
             self._images = {}
         self._apply_retention()
-        return final
 
     def _commit(self, tmp: Path, final: Path) -> None:
         aside: Path | None = None

@@ -11,6 +11,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -74,7 +75,7 @@ class PendingSave:
         path: The folder the checkpoint is committed to.
         blocked_s: Seconds the caller was blocked (waiting for the previous save + snapshot).
         waited_s: Of those, seconds spent waiting for the previous save to finish.
-        write_s: Seconds the writer took (serialized bytes to committed folder), once done.
+        write_s: Seconds the writer took (snapshot bytes to committed folder), once done.
 
     Example:
         >>> handle = manager.save(200, model=model, trainer_state=s, asynchronous=True)  # doctest: +SKIP
@@ -93,8 +94,12 @@ class PendingSave:
         self._reported = False
         self._thread: threading.Thread | None = None
 
-    def _run(self, job: Callable[[], Path]) -> None:
-        # Not a daemon: a process that ends while a checkpoint is being written finishes it.
+    def _run(self, job: Callable[[], Path], then: Callable[[], None]) -> None:
+        """Run ``job`` (write and commit) in a new thread, then ``then`` (retention) in it.
+
+        The handle resolves when ``job`` is done: retention is not part of the wait, but the
+        next save waits for it (:meth:`join`).
+        """
         self._future.set_running_or_notify_cancel()
 
         def target() -> None:
@@ -104,10 +109,15 @@ class PendingSave:
             except BaseException as exc:  # handed to whoever waits
                 self.write_s = time.perf_counter() - start
                 self._future.set_exception(exc)
-            else:
-                self.write_s = time.perf_counter() - start
-                self._future.set_result(result)
+                return
+            self.write_s = time.perf_counter() - start
+            self._future.set_result(result)
+            try:
+                then()
+            except Exception as exc:  # the checkpoint is committed; only clean-up failed
+                warnings.warn(f"after committing {result}: {exc}", stacklevel=1)
 
+        # Not a daemon: a process that ends while a checkpoint is being written finishes it.
         self._thread = threading.Thread(target=target, name=f"gs-checkpoint-{self.step}")
         self._thread.start()
 
@@ -156,9 +166,6 @@ class PendingSave:
             if self._future.done():
                 self._reported = True
             raise
-        finally:
-            if self._future.done() and self._thread is not None:
-                self._thread.join()
 
     def __repr__(self) -> str:
         state = "running" if not self.done() else ("failed" if self.error() else "committed")

@@ -77,6 +77,7 @@ class Checkpoints:
         self.pending_step: int | None = None
         self._handle: PendingSave | None = None
         self._committed: Path | None = None  # a synchronous save's folder, until collected
+        self._writer: PendingSave | None = None  # the last background save (retention after it)
         #: The last committed checkpoint (main process) and its step (every rank).
         self.last: Path | None = None
         self.last_step: int | None = None
@@ -116,7 +117,8 @@ class Checkpoints:
         if failure[0] is not None:
             raise CheckpointError(failure[0])
         self.pending_step = step
-        return self.finish() if wait or not self.asynchronous else None
+        return self.finish(reason="a stop or the end of the run") \
+            if wait or not self.asynchronous else None
 
     def poll(self) -> Path | None:
         """Collect the save in flight if its writer is done: the committed folder (main
@@ -150,6 +152,7 @@ class Checkpoints:
     def _collect(self) -> Path | None:
         step, handle, committed = self.pending_step, self._handle, self._committed
         self.pending_step, self._handle, self._committed = None, None, None
+        self._writer = handle or self._writer
         failure: list[str | None] = [None]
         if handle is not None:
             try:
@@ -189,9 +192,11 @@ class Checkpoints:
         self.asynchronous = fits[0]
 
     def drain(self) -> None:
-        """Let a writer still running finish (a run leaving by an error); never raises."""
-        if self._handle is not None:
-            self._handle.join_quietly()
+        """Let the writer finish everything, retention included (a run that ends or leaves by
+        an error); never raises."""
+        for handle in (self._handle, self._writer):
+            if handle is not None:
+                handle.join_quietly()
 
     def load_newest(self, manager: CheckpointManager | None = None,
                     ) -> tuple[Path | None, list[str], list[str]]:

@@ -343,6 +343,7 @@ class Trainer:
         finally:
             bar.close()
         if interrupted is not None:
+            self.ckpt.drain()
             last_ckpt = self.ckpt.last
             where = f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (disabled)"
             msg = (f"stopped at step {s.step}/{s.total_steps}; {where}. "
@@ -389,6 +390,7 @@ class Trainer:
         metrics.update(final_eval)
         self.logger.log_event(self.step, "end", **metrics)
         self.logger.close()
+        self.ckpt.drain()  # retention of the last checkpoint, still in the writer's thread
         self.accelerator.wait_for_everyone()  # no rank leaves while another still exports
         result = RunResult(self.run_dir, self.step, metrics, last_ckpt, final_dir)
         self.callbacks.fire("on_train_end", self, result)
