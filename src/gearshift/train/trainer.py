@@ -337,7 +337,7 @@ class Trainer:
                     if self.should_stop:
                         self.logger.log_event(s.step, "stop", reason="callback")
                         break
-        except BaseException:
+        except Exception:
             self.ckpt.drain()  # a checkpoint being written is finished, not torn
             raise
         finally:
