@@ -208,6 +208,7 @@ class Checkpoints:
         """
         if manager is None:
             self.finish(reason="a rollback")
+            self.drain()  # retention, still in the writer's thread, must not race the listing
         manager = manager or self.manager
         skipped: list[str] = []
         for path in reversed(manager.list_checkpoints()):
