@@ -83,9 +83,9 @@ class Checkpoints:
         self.last_step: int | None = None
         self._said_wait = False
 
-    def _event(self, kind: str, **fields: Any) -> None:
+    def _event(self, kind: str, step: int | None = None, **fields: Any) -> None:
         if self.logger is not None:
-            self.logger.log_event(self.state.step, kind, **fields)
+            self.logger.log_event(self.state.step if step is None else step, kind, **fields)
 
     def save(self, wait: bool = False) -> Path | None:
         """Checkpoint the current step: the committed folder (main process), or None while it
@@ -167,7 +167,10 @@ class Checkpoints:
         if committed is None:
             return None
         fields = {"write_s": round(handle.write_s or 0.0, 4)} if handle is not None else {}
-        self._event("checkpoint", path=str(committed), checkpoint_step=step, **fields)
+        # Logged at the checkpoint's step (a resume from it keeps the event); when it was
+        # collected is ``committed_at_step``.
+        self._event("checkpoint", step, path=str(committed), checkpoint_step=step,
+                    committed_at_step=self.state.step, **fields)
         self.last = committed
         if self.on_commit is not None:
             self.on_commit(committed)

@@ -337,8 +337,10 @@ class Trainer:
                     if self.should_stop:
                         self.logger.log_event(s.step, "stop", reason="callback")
                         break
-        except Exception:
-            self.ckpt.drain()  # a checkpoint being written is finished, not torn
+        except BaseException:
+            # A checkpoint already being written is finished, not torn (a second Ctrl-C too:
+            # it only skips writing a new one).
+            self.ckpt.drain()
             raise
         finally:
             bar.close()
