@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-import gearshift.checkpoint.model_state as model_state
+import gearshift.checkpoint.writer as writer
 from gearshift.checkpoint import (
     CheckpointManager,
     LoadedCheckpoint,
@@ -389,11 +389,11 @@ def test_failure_mid_save_keeps_previous_latest(
 ) -> None:
     _, first = save_mlp(manager, 1)
 
-    def crash_half_way(model: nn.Module, filename: str) -> None:
-        Path(filename).write_bytes(b"\x00" * 100)
+    def crash_half_way(path: Path, data: memoryview) -> None:
+        path.write_bytes(bytes(data[: len(data) // 2]))
         raise OSError("disk full")
 
-    monkeypatch.setattr(model_state, "save_model", crash_half_way)
+    monkeypatch.setattr(writer, "write_durably", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         save_mlp(manager, 2)
     assert manager.latest() == first
@@ -417,24 +417,23 @@ def test_sigkill_mid_write_leaves_previous_checkpoint(manager: CheckpointManager
         package.__path__ = [sys.argv[2]]
         sys.modules["gearshift"] = package
 
-        import safetensors.torch as st
         import torch
         from torch import nn
+        import gearshift.checkpoint.writer as writer
         from gearshift.checkpoint import CheckpointManager
 
         if any(name.startswith(("gearshift.train", "gearshift.cli")) for name in sys.modules):
             raise SystemExit("gearshift.checkpoint imported the trainer or CLI")
 
-        def half_then_hang(tensors, filename, metadata=None):
-            data = st.save(tensors, metadata=metadata)
-            with open(filename, "wb") as fh:
+        def half_then_hang(path, data):
+            with open(path, "wb") as fh:
                 fh.write(data[: len(data) // 2])
                 fh.flush()
                 os.fsync(fh.fileno())
             print("HALF", flush=True)
             time.sleep(60)
 
-        st.save_file = half_then_hang
+        writer.write_durably = half_then_hang
         model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024))
         CheckpointManager(sys.argv[1]).save(2, model=model, trainer_state={"step": 2})
         """

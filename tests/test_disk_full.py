@@ -28,16 +28,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def run_on(small_disk: Path, make_config, on_error: str) -> tuple[dict, Path]:
+def run_on(small_disk: Path, make_config, on_error: str,
+           asynchronous: bool = True) -> tuple[dict, Path]:
+    # Asynchronous: the writer's error reaches the loop at a later step, with the same message.
     cfg = make_config(training={"max_steps": 10, "eval_every": None},
-                      checkpoint={"every": 2, "keep_last": 10, "on_error": on_error})
+                      checkpoint={"every": 2, "keep_last": 10, "on_error": on_error,
+                                  "async": asynchronous})
     cfg["output_dir"] = str(small_disk / "runs")
     return cfg, small_disk / "runs"
 
 
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "sync"])
 def test_disk_full_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
-        small_disk: Path, make_config) -> None:
-    cfg, runs = run_on(small_disk, make_config, "stop")
+        small_disk: Path, make_config, asynchronous: bool) -> None:
+    cfg, runs = run_on(small_disk, make_config, "stop", asynchronous)
     with pytest.raises(gs.CheckpointError) as info:
         gs.train(cfg)
     (run,) = runs.iterdir()
@@ -52,9 +56,11 @@ def test_disk_full_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
     assert f"the previous checkpoint {kept[-1].name} is intact" in message
 
 
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "sync"])
 def test_disk_full_with_on_error_warn_keeps_training(small_disk: Path, make_config,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    cfg, runs = run_on(small_disk, make_config, "warn")
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     asynchronous: bool) -> None:
+    cfg, runs = run_on(small_disk, make_config, "warn", asynchronous)
     result = gs.train(cfg)
     assert result.step == 10
     err = capsys.readouterr().err

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import gearshift as gs
 from conftest import tiny_config
-from gearshift.checkpoint import CheckpointManager
+from gearshift.checkpoint import CheckpointManager, step_dir_name
 from gearshift.cli.main import main
 from gearshift.config.schema import Config
 from gearshift.data import load_corpus, pydoc_topics
@@ -527,7 +527,7 @@ class CrashAfterCheckpoint(gs.Callback):
         self.step = step
 
     def on_checkpoint(self, trainer: gs.Trainer, path: Path) -> None:
-        if trainer.step == self.step:
+        if path.name == step_dir_name(self.step):  # committed (later, with checkpoint.async)
             raise RuntimeError(f"crash:{trainer.run_dir}")
 
 

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import gearshift as gs
+from gearshift.checkpoint import step_dir_name
 
 
 def history(run_dir: Path) -> list[tuple[int, float, float, float]]:
@@ -53,7 +54,7 @@ class CrashAfterCheckpoint(gs.Callback):
         self.step = step
 
     def on_checkpoint(self, trainer: gs.Trainer, path: Path) -> None:
-        if trainer.step == self.step:
+        if path.name == step_dir_name(self.step):  # committed (later, with checkpoint.async)
             raise Crash(str(trainer.run_dir))
 
 

@@ -1,31 +1,30 @@
-"""Atomic, verified checkpoints of a run: save, list, find the newest intact one, load.
+"""Atomic, verified checkpoints of a run: save (now or in the background), list, find the newest
+intact one, load.
 
-A save writes a complete checkpoint into a temporary folder, fsyncs it, renames it into place and
-only then moves ``latest``; a crash at any moment leaves the previous checkpoint as ``latest``,
-intact. Leftovers of crashed writers are cleaned by the next save.
+A save copies the state into host memory, writes a complete checkpoint from it into a temporary
+folder, fsyncs every file and the folder, renames it into place and only then moves ``latest``; a
+crash at any moment leaves the previous checkpoint as ``latest``, intact. Leftovers of crashed
+writers are cleaned by the next save.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
+import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim import Optimizer
 
 from gearshift.checkpoint.atomic import (
     encode_json,
     fsync_dir,
-    fsync_file,
     pid_alive,
     replace_symlink,
     write_bytes,
@@ -43,67 +42,16 @@ from gearshift.checkpoint.layout import (
     parse_temp_name,
     step_dir_name,
 )
-from gearshift.checkpoint.manifest import build_manifest, read_manifest, verify_checkpoint
-from gearshift.checkpoint.model_state import (
-    check_fits,
-    load_into_model,
-    read_shapes,
-    save_model_weights,
-)
-from gearshift.checkpoint.optimizer_state import load_optimizer_state, save_optimizer_state
-from gearshift.errors import CheckpointError
+from gearshift.checkpoint.loading import LoadedCheckpoint, load_checkpoint
+from gearshift.checkpoint.manifest import manifest_for, verify_checkpoint
+from gearshift.checkpoint.optimizer_state import encode_optimizer_state
+from gearshift.checkpoint.snapshot import Snapshot, TensorImage, model_tensors, serialize_tensors
+from gearshift.checkpoint.writer import PendingSave, write_snapshot
 
 # Temporary folders this process is writing right now; any other folder carrying our pid is a
 # leftover from an earlier process that happened to get the same pid (common in containers).
 _ACTIVE: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
-_NOT_EXTRA = frozenset({TRAINER_STATE_FILE, OPTIMIZER_LAYOUT_FILE, MANIFEST_FILE})
-
-
-@dataclass
-class LoadedCheckpoint:
-    """What :meth:`CheckpointManager.load` read besides the weights and optimizer state.
-
-    Attributes:
-        path: The checkpoint folder.
-        step: The step recorded in its manifest.
-        trainer_state: The ``trainer_state`` dict given to :meth:`CheckpointManager.save`.
-        extra: The ``extra_json`` dicts given to save, by name.
-        tensors: The ``extra_tensors`` given to save, by name (e.g. gradient-sign buffers).
-    """
-
-    path: Path
-    step: int
-    trainer_state: dict[str, Any]
-    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
-    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable or not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """Read ``trainer_state.json`` of a checkpoint without loading (or verifying) anything else.
-
-    Args:
-        path: The checkpoint folder.
-
-    Returns:
-        The trainer state dict that was saved.
-
-    Raises:
-        CheckpointError: If the file is missing or not a JSON object.
-    """
-    return _read_json_object(Path(path) / TRAINER_STATE_FILE)
 
 
 class CheckpointManager:
@@ -113,6 +61,8 @@ class CheckpointManager:
         directory: The checkpoints folder; created on the first save.
         keep_last: How many checkpoints (newest by step) to keep after each save; the one
             ``latest`` points to is never deleted.
+        write_hook: Called by the writer with each file's path once it is written and fsynced
+            (fault injection: ``faults.checkpoint_write_delay_s`` slows the writer with it).
 
     Raises:
         ValueError: If ``keep_last`` is not an int >= 1.
@@ -120,15 +70,37 @@ class CheckpointManager:
     Example:
         >>> manager = CheckpointManager(run_dir / "checkpoints", keep_last=2)  # doctest: +SKIP
         >>> manager.save(200, model=model, optimizer=opt, trainer_state={"step": 200})
+        >>> handle = manager.save(300, model=model, optimizer=opt, trainer_state={"step": 300},
+        ...                       asynchronous=True)  # returns once the state is in host memory
+        >>> handle.wait()  # the committed folder
         >>> path, skipped = manager.find_latest_valid()
         >>> loaded = manager.load(path, model=model, optimizer=opt)
     """
 
-    def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
+    def __init__(self, directory: str | Path, keep_last: int = 3, *,
+                 write_hook: Callable[[Path], None] | None = None) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.write_hook = write_hook
+        self._in_flight: PendingSave | None = None
+        # The memory of the last snapshot's tensor files, refilled by the next async snapshot.
+        self._images: dict[str, TensorImage] = {}
+
+    @overload
+    def save(self, step: int, *, model: nn.Module | Mapping[str, torch.Tensor],
+             optimizer: Optimizer | None = ..., trainer_state: Mapping[str, Any],
+             extra_json: Mapping[str, Mapping[str, Any]] | None = ...,
+             extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = ...,
+             asynchronous: Literal[False] = ...) -> Path: ...
+
+    @overload
+    def save(self, step: int, *, model: nn.Module | Mapping[str, torch.Tensor],
+             optimizer: Optimizer | None = ..., trainer_state: Mapping[str, Any],
+             extra_json: Mapping[str, Mapping[str, Any]] | None = ...,
+             extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = ...,
+             asynchronous: Literal[True]) -> PendingSave: ...
 
     def save(
         self,
@@ -139,8 +111,17 @@ class CheckpointManager:
         trainer_state: Mapping[str, Any],
         extra_json: Mapping[str, Mapping[str, Any]] | None = None,
         extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-    ) -> Path:
+        asynchronous: bool = False,
+    ) -> Path | PendingSave:
         """Write the checkpoint for ``step`` atomically and point ``latest`` at it.
+
+        The state is first copied into host memory as the checkpoint's files (a snapshot of
+        everything given, taken now); the files are then written, hashed from memory, fsynced,
+        renamed into place, ``latest`` is moved and retention deletes old checkpoints. With
+        ``asynchronous=True`` that second part runs in a background thread and this call returns
+        as soon as the snapshot is taken: training may change the model and optimizer at once.
+        At most one save is in flight: a save waits for the previous one first
+        (:attr:`PendingSave.waited_s` says how long).
 
         Args:
             step: The optimizer step (non-negative); names the folder ``step-XXXXXXXX``. Saving a
@@ -152,34 +133,83 @@ class CheckpointManager:
             trainer_state: JSON-safe dict (step, epoch, data position, RNG, schedules, ...).
             extra_json: More JSON-safe dicts, each stored as ``<name>.json``.
             extra_tensors: More tensor dicts, each stored as ``<name>.safetensors``.
+            asynchronous: Return after the snapshot with a :class:`PendingSave` whose ``wait()``
+                gives the committed folder (or raises the writer's error).
 
         Returns:
-            The checkpoint folder.
+            The checkpoint folder, or the handle of the background save.
 
         Raises:
             ValueError: If ``step``, a name or a JSON payload is invalid (nothing is written).
+            Exception: The error of the previous background save if nobody was given it yet.
         """
         final = self.directory / step_dir_name(step)
         step = int(step)  # A numpy integer would not serialize into the manifest.
-        if not isinstance(trainer_state, Mapping):
-            raise ValueError(f"trainer_state must be a mapping, got {type(trainer_state).__name__}")
-        # Serialize every JSON payload up front so a bad value fails before anything is written.
-        payloads = {TRAINER_STATE_FILE: encode_json(dict(trainer_state), "trainer_state")}
-        for name, obj in (extra_json or {}).items():
-            check_extra_name(name)
-            if not isinstance(obj, Mapping):
-                raise ValueError(
-                    f"extra_json[{name!r}] must be a mapping, got {type(obj).__name__}"
-                )
-            payloads[f"{name}.json"] = encode_json(dict(obj), f"extra_json[{name!r}]")
-        tensor_files: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensors in (extra_tensors or {}).items():
-            check_extra_name(name)
-            if name in ("model",):
-                raise ValueError("extra_tensors name 'model' is used by the checkpoint itself")
-            tensor_files[f"{name}.safetensors"] = {
-                k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        start = time.perf_counter()
+        payloads = _json_payloads(trainer_state, extra_json)
+        if extra_tensors is not None:
+            for name in extra_tensors:
+                check_extra_name(name)
+                if name in ("model",):
+                    raise ValueError("extra_tensors name 'model' is used by the checkpoint itself")
+        waited = self._finish_in_flight()
+        snapshot = self._snapshot(step, model, optimizer, payloads, extra_tensors or {})
+        if not asynchronous:
+            path = self._write(snapshot, final)
+            self._after_commit(snapshot, keep=False)
+            return path
+        handle = PendingSave(step, final, blocked_s=time.perf_counter() - start, waited_s=waited)
+        self._in_flight = handle
+        handle._run(lambda: self._write(snapshot, final),
+                    then=lambda: self._after_commit(snapshot, keep=True))
+        return handle
 
+    @property
+    def in_flight(self) -> PendingSave | None:
+        """The background save still running (or finished but not waited for), if any."""
+        return self._in_flight
+
+    def wait(self) -> Path | None:
+        """Wait for the background save, if any, retention included: its committed folder, or
+        its error raised."""
+        handle, self._in_flight = self._in_flight, None
+        if handle is None:
+            return None
+        handle.join_quietly()
+        return handle.wait()
+
+    def _finish_in_flight(self) -> float:
+        """Let the background save finish; seconds waited. Raises its error if never given."""
+        handle, self._in_flight = self._in_flight, None
+        if handle is None:
+            return 0.0
+        start = time.perf_counter()
+        error = handle.join()
+        if error is not None:
+            raise error
+        return time.perf_counter() - start
+
+    def _snapshot(self, step: int, model: nn.Module | Mapping[str, torch.Tensor],
+                  optimizer: Optimizer | None, payloads: dict[str, bytes],
+                  extra_tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> Snapshot:
+        """Every file's bytes in host memory, from the state as it is now."""
+        reuse = self._images
+        snapshot = Snapshot(step)
+        tensors, metadata = model_tensors(model)
+        snapshot.tensors[MODEL_FILE] = serialize_tensors(tensors, metadata, reuse.get(MODEL_FILE))
+        for name, tensor_dict in extra_tensors.items():
+            fname = f"{name}.safetensors"
+            snapshot.tensors[fname] = serialize_tensors(dict(tensor_dict), None, reuse.get(fname))
+        if optimizer is not None:
+            opt_tensors, layout = encode_optimizer_state(optimizer.state_dict())
+            snapshot.tensors[OPTIMIZER_TENSORS_FILE] = serialize_tensors(
+                opt_tensors, None, reuse.get(OPTIMIZER_TENSORS_FILE))
+            snapshot.payloads[OPTIMIZER_LAYOUT_FILE] = layout
+        snapshot.payloads.update(payloads)
+        return snapshot
+
+    def _write(self, snapshot: Snapshot, final: Path) -> Path:
+        """Write, commit, move ``latest`` (in the writer's thread when asynchronous)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._clean_stale()
         tmp = self.directory / make_temp_name("tmp", final.name)
@@ -187,7 +217,11 @@ class CheckpointManager:
             _ACTIVE.add(tmp.name)
         try:
             tmp.mkdir()
-            self._write_contents(tmp, step, model, optimizer, payloads, tensor_files)
+            entries = write_snapshot(tmp, snapshot, self.write_hook)
+            # The manifest is written last: a folder with a valid manifest is a complete checkpoint.
+            manifest = manifest_for(snapshot.step, entries)
+            write_bytes(tmp / MANIFEST_FILE, encode_json(manifest, MANIFEST_FILE))
+            fsync_dir(tmp)
             self._commit(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -196,31 +230,17 @@ class CheckpointManager:
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(tmp.name)
         replace_symlink(self.directory / LATEST_LINK, final.name)
-        self._apply_retention()
         return final
 
-    def _write_contents(
-        self,
-        tmp: Path,
-        step: int,
-        model: nn.Module | Mapping[str, torch.Tensor],
-        optimizer: Optimizer | None,
-        payloads: Mapping[str, bytes],
-        tensor_files: Mapping[str, dict[str, torch.Tensor]] | None = None,
-    ) -> None:
-        save_model_weights(model, tmp / MODEL_FILE)
-        for fname, tensors in (tensor_files or {}).items():
-            save_file(tensors, str(tmp / fname))
-        if optimizer is not None:
-            save_optimizer_state(optimizer.state_dict(), tmp)
-        for name, data in payloads.items():
-            write_bytes(tmp / name, data)
-        for path in tmp.iterdir():
-            fsync_file(path)
-        # The manifest is written last: a folder with a valid manifest is a complete checkpoint.
-        manifest = build_manifest(tmp, step)
-        write_bytes(tmp / MANIFEST_FILE, encode_json(manifest, MANIFEST_FILE))
-        fsync_dir(tmp)
+    def _after_commit(self, snapshot: Snapshot, keep: bool) -> None:
+        """Retention, and keeping the snapshot's memory for the next one (after the commit)."""
+        if keep:
+            for image in snapshot.tensors.values():
+                image.keep()
+            self._images = dict(snapshot.tensors)
+        else:
+            self._images = {}
+        self._apply_retention()
 
     def _commit(self, tmp: Path, final: Path) -> None:
         aside: Path | None = None
@@ -341,77 +361,19 @@ class CheckpointManager:
             CheckpointError: If the checkpoint is corrupt, cannot be parsed, or does not fit the
                 model or optimizer; the message names the checkpoint and the file or tensor.
         """
-        path = Path(path)
-        if path.is_symlink():
-            # Report the step folder, not ``latest``, so the caller logs what was really loaded.
-            path = path.parent / os.readlink(path)
-        problems = verify_checkpoint(path)
-        if problems:
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: {'; '.join(problems)}. Load an earlier one "
-                "(CheckpointManager.find_latest_valid finds the newest intact checkpoint)"
-            )
-        manifest, _ = read_manifest(path)
-        if manifest is None:  # Verified just above; only a concurrent writer gets here.
-            raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} changed while loading")
-        listed = set(manifest["files"])
-
-        model_file = path / MODEL_FILE
-        if model is not None:
-            if MODEL_FILE not in listed:
-                raise CheckpointError(f"checkpoint {path} has no {MODEL_FILE}")
-            check_fits(model, read_shapes(model_file), model_file, strict)
-        optimizer_state = None
-        if optimizer is not None:
-            if OPTIMIZER_LAYOUT_FILE not in listed or OPTIMIZER_TENSORS_FILE not in listed:
-                raise CheckpointError(
-                    f"checkpoint {path} has no optimizer state; load it without optimizer= "
-                    "or resume from a checkpoint saved with one"
-                )
-            optimizer_state = load_optimizer_state(path)
-            _check_optimizer_fits(optimizer, optimizer_state, path)
-
-        trainer_state = _read_json_object(path / TRAINER_STATE_FILE)
-        extra = {
-            name[: -len(".json")]: _read_json_object(path / name)
-            for name in sorted(listed - _NOT_EXTRA)
-            if name.endswith(".json")
-        }
-        extra_tensors: dict[str, dict[str, torch.Tensor]] = {}
-        for name in sorted(listed - {MODEL_FILE, OPTIMIZER_TENSORS_FILE}):
-            if name.endswith(".safetensors"):
-                try:
-                    extra_tensors[name[: -len(".safetensors")]] = load_file(str(path / name))
-                except Exception as exc:  # safetensors raises its own error types
-                    raise CheckpointError(f"checkpoint {path}: cannot read {name} ({exc})") from exc
-        if model is not None:
-            load_into_model(model, model_file)
-        if optimizer is not None and optimizer_state is not None:
-            try:
-                optimizer.load_state_dict(optimizer_state)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise CheckpointError(
-                    f"checkpoint {path}: optimizer state does not fit the optimizer ({exc})"
-                ) from exc
-        return LoadedCheckpoint(
-            path=path, step=manifest["step"], trainer_state=trainer_state, extra=extra,
-            tensors=extra_tensors,
-        )
+        return load_checkpoint(Path(path), model=model, optimizer=optimizer, strict=strict)
 
 
-def _check_optimizer_fits(optimizer: Optimizer, state: Mapping[str, Any], path: Path) -> None:
-    saved_groups = state.get("param_groups", [])
-    groups = optimizer.param_groups
-    if len(saved_groups) != len(groups):
-        raise CheckpointError(
-            f"checkpoint {path}: {OPTIMIZER_LAYOUT_FILE} has {len(saved_groups)} parameter "
-            f"group(s) but the optimizer has {len(groups)}; build the optimizer as the run did"
-        )
-    for i, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
-        n_saved = len(saved.get("params", []))
-        n_now = len(group["params"])
-        if n_saved != n_now:
-            raise CheckpointError(
-                f"checkpoint {path}: {OPTIMIZER_LAYOUT_FILE} parameter group {i} has {n_saved} "
-                f"parameter(s) but the optimizer's has {n_now}; the model or trainable set differs"
-            )
+
+def _json_payloads(trainer_state: Mapping[str, Any],
+                   extra_json: Mapping[str, Mapping[str, Any]] | None) -> dict[str, bytes]:
+    """Every JSON file's bytes, encoded up front so a bad value fails before anything is written."""
+    if not isinstance(trainer_state, Mapping):
+        raise ValueError(f"trainer_state must be a mapping, got {type(trainer_state).__name__}")
+    payloads = {TRAINER_STATE_FILE: encode_json(dict(trainer_state), "trainer_state")}
+    for name, obj in (extra_json or {}).items():
+        check_extra_name(name)
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"extra_json[{name!r}] must be a mapping, got {type(obj).__name__}")
+        payloads[f"{name}.json"] = encode_json(dict(obj), f"extra_json[{name!r}]")
+    return payloads

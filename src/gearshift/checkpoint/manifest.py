@@ -1,9 +1,15 @@
-"""The manifest: sha256 and size of every file of a checkpoint, and the check against it."""
+"""The manifest: sha256 and size of every file of a checkpoint, and the check against it.
+
+Files are verified in parallel threads (reading and hashing both release the GIL). The format is
+unchanged since version 1, so every checkpoint ever written still verifies.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,11 +18,12 @@ from gearshift.checkpoint.layout import MANIFEST_FILE, parse_step_dir
 
 MANIFEST_FORMAT = "gearshift-checkpoint"
 MANIFEST_VERSION = 1
-_CHUNK = 1 << 20
+_CHUNK = 8 << 20
+_VERIFY_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB chunks."""
+    """Return the hex sha256 of a file, read in 8 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -24,19 +31,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(directory: Path, step: int) -> dict[str, Any]:
-    """Describe every file in ``directory`` (except the manifest itself) with sha256 and size."""
-    files: dict[str, dict[str, Any]] = {}
-    for path in sorted(directory.iterdir()):
-        if path.name == MANIFEST_FILE:
-            continue
-        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def manifest_for(step: int, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of a checkpoint whose files' sha256 and size are ``files`` (by name)."""
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "step": step,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": files,
+        "files": dict(sorted(files.items())),
     }
 
 
@@ -105,8 +107,10 @@ def verify_checkpoint(path: str | Path) -> list[str]:
             f"{MANIFEST_FILE}: step {manifest['step']} does not match folder name {directory.name}"
         )
     listed: dict[str, Any] = manifest["files"]
-    for name, entry in sorted(listed.items()):
-        problems.extend(_check_entry(directory, name, entry))
+    entries = sorted(listed.items())
+    with ThreadPoolExecutor(max_workers=_VERIFY_WORKERS, thread_name_prefix="gs-verify") as pool:
+        for found in pool.map(lambda item: _check_entry(directory, *item), entries):
+            problems.extend(found)
     for child in sorted(directory.iterdir()):
         if child.name != MANIFEST_FILE and child.name not in listed:
             problems.append(f"{child.name}: present but not listed in {MANIFEST_FILE}")

@@ -1,4 +1,4 @@
-"""Model weights as ``model.safetensors``: save, read, and load into a module with clear errors."""
+"""Model weights in ``model.safetensors``: read, check against a module, load with clear errors."""
 
 from __future__ import annotations
 
@@ -7,37 +7,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file
 from torch import nn
 
 from gearshift.checkpoint.layout import MODEL_FILE
 from gearshift.errors import CheckpointError
 
 _MAX_LISTED = 8
-
-
-def save_model_weights(model: nn.Module | Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write weights to ``path``: a module via ``save_model`` (drops tied duplicates), or a
-    mapping of tensors (e.g. adapter-only weights) as private contiguous copies.
-
-    Raises:
-        TypeError: If ``model`` is neither a module nor a mapping of str to tensors.
-    """
-    if isinstance(model, nn.Module):
-        save_model(model, str(path))
-        return
-    if not isinstance(model, Mapping):
-        raise TypeError(
-            f"model must be an nn.Module or a mapping of str to tensors, got {type(model).__name__}"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"model mapping must map str to tensors; {name!r} maps to {type(tensor).__name__}"
-            )
-        tensors[name] = tensor.detach().clone().contiguous()
-    save_file(tensors, str(path))
 
 
 def _model_file(path: str | Path) -> Path:
@@ -135,14 +111,17 @@ def check_fits(
         )
 
 
-def load_into_model(model: nn.Module, file: Path) -> None:
-    """Copy the stored tensors into ``model`` (after :func:`check_fits`).
+def load_into_model(model: nn.Module, file: Path,
+                    state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Copy the stored tensors (``state`` when already read from ``file``) into ``model``, after
+    :func:`check_fits`.
 
     ``safetensors.torch.load_model`` is not used here because it rejects a file that holds both
     names of a tied pair (as written from a plain state-dict mapping); ``load_state_dict`` copies
     each stored tensor into its parameter, and tied names share that parameter.
     """
-    state = load_model_tensors(file)
+    if state is None:
+        state = load_model_tensors(file)
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

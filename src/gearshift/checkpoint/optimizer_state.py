@@ -81,8 +81,8 @@ class _Encoder:
         unique, n = key, 1
         while unique in self.tensors:
             unique, n = f"{key}~{n}", n + 1
-        # safetensors refuses shared or strided storage; a private contiguous copy avoids both.
-        self.tensors[unique] = tensor.detach().clone().contiguous()
+        # The live tensor: the caller copies it (a snapshot, or a private copy for save_file).
+        self.tensors[unique] = tensor.detach()
         return unique
 
 
@@ -122,26 +122,20 @@ class _Decoder:
         return self.tensors[key]
 
 
-def save_optimizer_state(
-    optimizer_state_dict: Mapping[str, Any], directory: str | Path
-) -> list[Path]:
-    """Write an optimizer state dict as ``optimizer.safetensors`` + ``optimizer.json``.
+def encode_optimizer_state(
+    optimizer_state_dict: Mapping[str, Any],
+) -> tuple[dict[str, torch.Tensor], bytes]:
+    """Split an optimizer state dict into its tensors and the JSON bytes of ``optimizer.json``.
 
     Args:
-        optimizer_state_dict: The result of ``optimizer.state_dict()`` (``state`` and
-            ``param_groups``; other top-level keys are kept too).
-        directory: An existing folder; the two files must not exist in it yet.
+        optimizer_state_dict: The result of ``optimizer.state_dict()``.
 
     Returns:
-        The paths of the two files written.
+        ``(tensors, layout)``: the tensors by key (the live tensors, not copies) and the layout.
 
     Raises:
         CheckpointError: If the state holds a value that cannot be stored without pickle.
-
-    Example:
-        >>> save_optimizer_state(opt.state_dict(), tmp_dir)  # doctest: +SKIP
     """
-    directory = Path(directory)
     encoder = _Encoder()
     state = optimizer_state_dict.get("state", {})
     entries = []
@@ -173,10 +167,35 @@ def save_optimizer_state(
         "param_groups": groups,
         "other": encoder.encode(other, "other"),
     }
+    return encoder.tensors, encode_json(layout, OPTIMIZER_LAYOUT_FILE)
+
+
+def save_optimizer_state(
+    optimizer_state_dict: Mapping[str, Any], directory: str | Path
+) -> list[Path]:
+    """Write an optimizer state dict as ``optimizer.safetensors`` + ``optimizer.json``.
+
+    Args:
+        optimizer_state_dict: The result of ``optimizer.state_dict()`` (``state`` and
+            ``param_groups``; other top-level keys are kept too).
+        directory: An existing folder; the two files must not exist in it yet.
+
+    Returns:
+        The paths of the two files written.
+
+    Raises:
+        CheckpointError: If the state holds a value that cannot be stored without pickle.
+
+    Example:
+        >>> save_optimizer_state(opt.state_dict(), tmp_dir)  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    tensors, layout = encode_optimizer_state(optimizer_state_dict)
     tensors_path = directory / OPTIMIZER_TENSORS_FILE
     layout_path = directory / OPTIMIZER_LAYOUT_FILE
-    save_file(encoder.tensors, str(tensors_path))
-    write_bytes(layout_path, encode_json(layout, OPTIMIZER_LAYOUT_FILE))
+    # safetensors refuses shared or strided storage; private contiguous copies avoid both.
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(tensors_path))
+    write_bytes(layout_path, layout)
     return [tensors_path, layout_path]
 
 

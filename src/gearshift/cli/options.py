@@ -96,6 +96,10 @@ def add_config_args(p: argparse.ArgumentParser, *, flags: bool = True) -> None:
     group.add_argument("--disable-checkpointing", action="store_true", default=argparse.SUPPRESS,
                        dest=_PREFIX + "--disable-checkpointing",
                        help="write no checkpoints [checkpoint.enabled=false]")
+    group.add_argument("--async-checkpoints", action=argparse.BooleanOptionalAction,
+                       default=argparse.SUPPRESS, dest=_PREFIX + "--async-checkpoints",
+                       help="write checkpoints in a background thread; training waits only for "
+                            "the copy to host memory [checkpoint.async]")
     group.add_argument("--resume", default=argparse.SUPPRESS, metavar="{RUN_DIR,auto}",
                        dest=_PREFIX + "--resume",
                        help="continue RUN_DIR, or 'auto' for the newest run of this name [resume]")
@@ -113,6 +117,8 @@ def flag_values(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
                 flag if value else "--no-gradient-checkpointing", value)
         elif flag == "--disable-checkpointing":
             out["checkpoint.enabled"] = (flag, False)
+        elif flag == "--async-checkpoints":
+            out["checkpoint.async"] = (flag if value else "--no-async-checkpoints", value)
         elif flag == "--resume":
             out["resume"] = (flag, value)
         else:

@@ -366,11 +366,12 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
 def _fields_at(loc: Sequence[str]) -> list[str]:
     model: type[BaseModel] | None = Config
     for part in loc:
-        if model is None or part not in model.model_fields:
+        fields = {f.alias or name: f for name, f in model.model_fields.items()} if model else {}
+        if part not in fields:
             return []
-        ann = model.model_fields[part].annotation
+        ann = fields[part].annotation
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return list(model.model_fields) if model is not None else []
+    return [f.alias or name for name, f in model.model_fields.items()] if model else []
 
 
 

@@ -162,11 +162,19 @@ class TrainingConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """When to checkpoint and how many to keep."""
+    """When to checkpoint, how many to keep, and whether training waits for the disk."""
+
+    # ``async`` is a Python keyword: the field is ``async_`` in code and ``async`` everywhere else.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
     enabled: bool = Field(True, description="write checkpoints at all")
     every: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
     keep_last: int = Field(3, ge=1, description="checkpoints kept on disk (newest)")
+    async_: bool = Field(
+        True, alias="async", description="training waits only while the state is copied to "
+        "host memory; a background thread writes, hashes, fsyncs and commits the checkpoint "
+        "(saved synchronously when host memory could not hold the copy)")
     on_error: Literal["stop", "warn"] = Field(
         "stop", description="a checkpoint that cannot be written (disk full, permission "
         "denied): stop with a clear message, or warn and keep training")
@@ -224,6 +232,9 @@ class FaultsConfig(Section):
     nan_at_steps: list[int] = Field(
         default_factory=list, description="make the loss of these optimizer steps NaN: each entry "
         "spoils one attempt, so repeat a step to make it fail several times in a row")
+    checkpoint_write_delay_s: float = Field(
+        0.0, ge=0.0, description="the checkpoint writer sleeps this long after each file it "
+        "writes (a slow disk, to kill or stop a run mid-write)")
 
 
 class ProfileConfig(Section):

@@ -157,7 +157,8 @@ class Trainer:
         self._open_run_dir()
         self.ckpt = Checkpoints(RunPaths(self.run_dir).checkpoints, cfg.checkpoint, self.state,
                                 acc, self.raw_model, self.optimizer, self.transforms,
-                                self._print)
+                                self._print, write_delay_s=cfg.faults.checkpoint_write_delay_s)
+        self.ckpt.on_commit = lambda path: self.callbacks.fire("on_checkpoint", self, path)
         resumed = self.ckpt.resume(self.resume_from) if self.resume_from is not None else None
         lg = cfg.logging
         self.logger = RunLogger(self.run_dir, tensorboard=lg.tensorboard, wandb=lg.wandb,
@@ -302,12 +303,12 @@ class Trainer:
                 self.callbacks.fire("on_eval", self, s.initial_eval)
         bar = tqdm(total=s.total_steps, initial=s.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.logging.progress_bar and self.is_main), file=sys.stderr)
-        last_ckpt: Path | None = None
         interval_start, interval_tokens, interval_losses = time.perf_counter(), s.tokens_seen, []
         interrupted: int | None = None
         try:
             with StopRequest() as stop:
                 while s.step < s.total_steps:
+                    self.ckpt.poll()  # a background save committed (or failed) meanwhile
                     window, epoch_ended = self.stream.next_window()
                     metrics = self.train_step(window)
                     if epoch_ended:
@@ -335,23 +336,30 @@ class Trainer:
                         self._run_eval()
                     stopping = stop.signum is not None or self.should_stop
                     if cfg.checkpoint.enabled and (s.step % cfg.checkpoint.every == 0 or stopping):
-                        last_ckpt = self.save_checkpoint()
+                        self.save_checkpoint(wait=stopping)  # a stop waits for the writer
                     if stop.signum is not None:
                         interrupted = stop.signum
                         break
                     if self.should_stop:
                         self.logger.log_event(s.step, "stop", reason="callback")
                         break
+        except BaseException:
+            # A checkpoint already being written is finished, not torn (a second Ctrl-C too:
+            # it only skips writing a new one).
+            self.ckpt.drain()
+            raise
         finally:
             bar.close()
         if interrupted is not None:
+            self.ckpt.drain()
+            last_ckpt = self.ckpt.last
             where = f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (disabled)"
             msg = (f"stopped at step {s.step}/{s.total_steps}; {where}. "
                    f"Resume with: gearshift resume {self.run_dir}")
             self.logger.log_event(s.step, "interrupted", signal=interrupted)
             self.logger.close()
             raise TrainingInterrupted(msg, interrupted)
-        return self._finish(last_ckpt)
+        return self._finish()
 
     def _run_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -370,19 +378,19 @@ class Trainer:
             self.callbacks.fire("on_eval", self, metrics)
         return metrics
 
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (main process only)."""
-        path = self.ckpt.save()
-        if path is not None:
-            self.callbacks.fire("on_checkpoint", self, path)
-        return path
+    def save_checkpoint(self, wait: bool = True) -> Path | None:
+        """Checkpoint the current step (main process writes): the committed folder, or None
+        while ``checkpoint.async`` writes it in the background and ``wait`` is False.
+        ``on_checkpoint`` fires once it is committed."""
+        return self.ckpt.save(wait=wait)
 
-    def _finish(self, last_ckpt: Path | None) -> RunResult:
+    def _finish(self) -> RunResult:
         assert self.run_dir is not None
-        final_eval = self._run_eval()
-        if self.config.checkpoint.enabled and (last_ckpt is None or last_ckpt.name !=
-                                               RunPaths(self.run_dir).checkpoint(self.step).name):
-            last_ckpt = self.save_checkpoint()
+        final_eval = self._run_eval()  # overlaps with a checkpoint still being written
+        self.ckpt.finish()
+        if self.config.checkpoint.enabled and self.ckpt.last_step != self.step:
+            self.save_checkpoint()
+        last_ckpt = self.ckpt.last
         final_dir = self.ckpt.export_final(RunPaths(self.run_dir).final, self.tokenizer)
         metrics: dict[str, float] = {}
         if self.state.initial_eval:
@@ -391,6 +399,7 @@ class Trainer:
         metrics[PEAK_METRIC] = run_peak_mb(self.run_dir, self.accelerator)
         self.logger.log_event(self.step, "end", **metrics)
         self.logger.close()
+        self.ckpt.drain()  # retention of the last checkpoint, still in the writer's thread
         self.accelerator.wait_for_everyone()  # no rank leaves while another still exports
         result = RunResult(self.run_dir, self.step, metrics, last_ckpt, final_dir)
         self.callbacks.fire("on_train_end", self, result)
