@@ -21,6 +21,8 @@ from gearshift.config.schema import (
     ModelBuild,
     ModelConfig,
     OptimConfig,
+    QuantizationConfig,
+    QuantRamp,
     ScheduleConfig,
     TrainingConfig,
 )
@@ -35,6 +37,8 @@ __all__ = [
     "ModelBuild",
     "ModelConfig",
     "OptimConfig",
+    "QuantRamp",
+    "QuantizationConfig",
     "Resolved",
     "ScheduleConfig",
     "TrainingConfig",

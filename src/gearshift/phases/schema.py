@@ -97,6 +97,10 @@ class PhaseConfig(_Strict):
         default_factory=dict, description="{expert: alpha or {group: alpha}} for MoE experts")
     lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False,
                             description="multiplier of the learning rate during this phase")
+    quant_lambda: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="quantization strength λ during this phase (with a quantization section); "
+        "null = the quantization ramp decides")
     exit: ExitCriteria = Field(default_factory=ExitCriteria)
 
 
