@@ -299,3 +299,71 @@ def test_qat_runs_under_bf16_autocast(make_config) -> None:
     losses = [v for _, v in metric_rows(result.run_dir, "loss")]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert metric_rows(result.run_dir, "quant/lambda")[-1] == (4, 1.0)
+
+
+# ---------------------------------------------------------------------------- gearshift quantize
+
+
+def test_quantize_export_of_a_model_dir_packs_it_and_reports_sizes(tmp_path: Path, cli) -> None:
+    src = tmp_path / "fp"
+    tiny_llama().save_pretrained(str(src))
+    code, out, err = cli("quantize", "export", str(src), str(tmp_path / "packed"),
+                         "--exclude", "o_proj", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["layers"] == 12
+    # Packed ternary layers: 2 bits instead of 16 per weight, plus one scale each.
+    assert 7.5 < report["quantized_fp16_bytes"] / report["quantized_bytes"] <= 8
+    assert report["total_bytes"] < report["fp16_bytes"]
+    q = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert sorted(q["modules_to_not_convert"]) == [
+        "lm_head", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    from gearshift.models import validate_model_dir
+
+    validate_model_dir(tmp_path / "packed")
+    code, out, err = cli("quantize", "export", str(tmp_path / "packed"), str(tmp_path / "again"))
+    assert code == 0 and "ternary layers" in out  # an export is copied as it is
+
+
+def test_quantize_export_of_a_stopped_qat_run_uses_its_newest_checkpoint(
+        make_config, cli, tmp_path: Path) -> None:
+    cfg = make_config(quantization=QAT, training={"max_steps": 6, "eval_every": None},
+                      checkpoint={"every": 2})
+    with pytest.raises(Crash) as info:
+        gs.train(cfg, callbacks=[CrashAfterCheckpoint(4)])
+    run = Path(str(info.value))
+    code, out, err = cli("quantize", "export", str(run), str(tmp_path / "packed"))
+    assert code == 0, err
+    assert "ternary layers" in out and (tmp_path / "packed" / "tokenizer_config.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.uint8
+
+
+def test_quantize_export_bad_input_is_a_clear_error(tmp_path: Path, cli) -> None:
+    code, _, err = cli("quantize", "export", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert code == 2 and "is not a directory" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("quantize", "export", str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert code == 2 and "neither a model directory" in err
+    code, _, err = cli("quantize", "export", str(tmp_path), str(tmp_path / "empty"))
+    assert code == 2 and "already exists" in err
+    code, out, _ = cli("quantize", "export", "--help")
+    assert code == 0 and "modules_to_not_convert" in out
+
+
+def test_validate_model_dir_accepts_a_packed_export_and_names_a_broken_entry(
+        packed_export, tmp_path: Path) -> None:
+    from gearshift.errors import ModelError
+    from gearshift.models import is_packed_bitnet, quantization_config_of, validate_model_dir
+
+    _, out = packed_export
+    validate_model_dir(out)
+    assert is_packed_bitnet(out) and quantization_config_of(out)["linear_class"] == "bitlinear"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (broken / "config.json").write_text(json.dumps({"quantization_config": "bitnet"}))
+    with pytest.raises(ModelError, match="quantization_config must be an object"):
+        validate_model_dir(broken)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from gearshift.errors import ModelError
+from gearshift.models.quantized import quantization_config_of
 
 # Files whose presence means the directory holds weights (sharded or not).
 _WEIGHT_NAMES = ("pytorch_model.bin", "model.safetensors.index.json",
@@ -44,6 +45,7 @@ def validate_model_dir(path: str | Path) -> None:
             missing.extend(_missing_shards(index))
     if missing:
         raise ModelError(f"model directory {path} is missing: {', '.join(missing)}")
+    quantization_config_of(path)  # a quantized full model (e.g. packed BitNet): a sound entry
 
 
 def _missing_shards(index: Path) -> list[str]:

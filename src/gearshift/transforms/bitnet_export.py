@@ -13,7 +13,6 @@ precision), so ``AutoModelForCausalLM.from_pretrained(directory)`` rebuilds the 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,22 +116,6 @@ def export_packed(model: nn.Module, directory: Path, *, activation_bits: int = 8
     save_plain(packed, directory)
     total = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return SizeReport(directory, total, fp16_bytes, quantized_bytes, quantized_fp16, len(layers))
-
-
-def quantization_config_of(directory: Path) -> dict[str, Any] | None:
-    """The ``quantization_config`` in ``directory/config.json`` (None: none, or no config)."""
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
-    return quant if isinstance(quant, dict) else None
-
-
-def is_packed_bitnet(directory: Path) -> bool:
-    """Whether ``directory`` is a packed BitNet export (``quant_method: bitnet``)."""
-    quant = quantization_config_of(directory)
-    return quant is not None and quant.get("quant_method") == "bitnet"
 
 
 def copy_export(src: Path, dst: Path) -> SizeReport:
