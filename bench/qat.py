@@ -19,7 +19,8 @@ it gets its own arm set here.
 
 Usage::
 
-    .venv/bin/python bench/qat.py                               # 3 seeds, ~30 min on a busy 2-core CPU
+    .venv/bin/python bench/qat.py                               # 3 seeds, one after the other
+    .venv/bin/python bench/qat.py --jobs 3 --threads 1          # the 3 seeds at once
     .venv/bin/python bench/qat.py --seeds 1 2 3 4 5 --steps 200 --json qat.json
 """
 
@@ -33,6 +34,7 @@ import math
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,10 @@ def quiet_train(cfg: dict[str, Any]) -> gs.RunResult:
 
 
 def one_seed(seed: int, args: argparse.Namespace, out: Path, ln_v: float) -> dict[str, Any]:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     base = quiet_train(base_config(out, seed, f"base{seed}", args.pretrain, args))
     assert base.final_dir is not None
     arms: dict[str, dict[str, Any]] = {
@@ -99,16 +105,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-sequences", type=int, default=64,
                         help="held-out sequences evaluated (the same for every arm)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per job")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     ln_v = math.log(len(load_tokenizer("byte", None)))
     start = time.perf_counter()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            rows.append(one_seed(seed, args, Path(tmp), ln_v))
-            print(f"seed {seed}: " + ", ".join(f"{a} {v:.4f}" for a, v in rows[-1]["loss"].items()),
-                  flush=True)
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(one_seed, seed, args, Path(tmp), ln_v) for seed in args.seeds]
+        for future in futures:
+            rows.append(future.result())
+            print(f"seed {rows[-1]['seed']}: " + ", ".join(
+                f"{a} {v:.4f}" for a, v in rows[-1]["loss"].items()), flush=True)
     order = ["base (before fine-tuning)", "full precision", "naive ternary", "QAT", "QAT + ramp"]
     print(f"\nembedded default model, {len(args.seeds)} seeds, base {args.pretrain} steps, "
           f"arms {args.steps} steps (ramp {args.ramp}), seq_len {args.seq_len}, "
