@@ -367,3 +367,49 @@ def test_validate_model_dir_accepts_a_packed_export_and_names_a_broken_entry(
     (broken / "config.json").write_text(json.dumps({"quantization_config": "bitnet"}))
     with pytest.raises(ModelError, match="quantization_config must be an object"):
         validate_model_dir(broken)
+
+
+@pytest.mark.slow
+def test_qat_sigkill_then_resume_is_bit_identical(make_config, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = make_config(quantization={**QAT, "ramp": {"steps": 10}},
+                      training={"max_steps": 16, "eval_every": 8}, checkpoint={"every": 3})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "gearshift", *args], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    def config_file(name: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "name": name}), encoding="utf-8")
+        return str(path)
+
+    straight = start("train", config_file("straight"))
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+    victim = start("train", config_file("victim"))
+    deadline = time.time() + 600
+    while not list((tmp_path / "runs").glob("victim-*/checkpoints/step-00000006/manifest.json")):
+        assert victim.poll() is None and time.time() < deadline, victim.stderr.read()
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)  # mid-ramp: λ was 0.6 at step 6
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    (run,) = (tmp_path / "runs").glob("victim-*")
+    resumed = start("resume", str(run))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    (straight_dir,) = (tmp_path / "runs").glob("straight-*")
+    for key in ("loss", "lr", "grad_norm", "quant/lambda", "eval/loss", "quant/zero_fraction"):
+        assert metric_rows(straight_dir, key) == metric_rows(run, key), key
+    from safetensors.torch import load_file
+
+    for sub in ("final", "checkpoints/step-00000016"):
+        a, b = (load_file(d / sub / "model.safetensors") for d in (straight_dir, run))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub

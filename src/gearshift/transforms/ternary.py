@@ -65,8 +65,9 @@ class _QuantizedLinear(torch.autograd.Function):
                 bits: int) -> torch.Tensor:
         t, inv = ternary_weight(weight)
         xi, a = quantize_activations(x, bits)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and \
-            x.device.type == "cpu" else x.dtype
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+            else x.dtype
         y = F.linear(xi.to(dtype), t.to(dtype)) / (inv * a)
         if bias is not None:
             y = y + bias
