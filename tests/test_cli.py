@@ -73,16 +73,18 @@ def test_train_help_shows_value_placeholders_and_schedule_names(
 
 
 def test_every_verb_is_a_module_with_its_parser_and_run() -> None:
-    from gearshift.cli import checkpoint, config, model, profile, resume, train
+    from gearshift.cli import checkpoint, config, model, profile, quantize, resume, train
     from gearshift.cli.main import VERBS, build_parser
 
     assert VERBS == {"train": train, "resume": resume, "config": config,
-                     "checkpoint": checkpoint, "model": model, "profile": profile}
+                     "checkpoint": checkpoint, "model": model, "profile": profile,
+                     "quantize": quantize}
     parser = build_parser()
     for argv, verb in ((["train"], "train"), (["resume", "r"], "resume"),
                        (["config", "show"], "config"), (["checkpoint", "verify", "p"],
                                                         "checkpoint"),
-                       (["model", "validate", "d"], "model"), (["profile", "list"], "profile")):
+                       (["model", "validate", "d"], "model"), (["profile", "list"], "profile"),
+                       (["quantize", "export", "s", "d"], "quantize")):
         args = parser.parse_args(argv)
         assert args.command == verb and callable(VERBS[args.command].run)
     assert set(checkpoint.ACTIONS) == {"inspect", "verify", "convert"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -206,6 +207,58 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
 
 
+class QuantRamp(Section):
+    """How the quantization strength λ rises from 0 to 1 at the start of QAT."""
+
+    steps: int = Field(0, ge=0, description="optimizer steps over which λ rises from 0 to 1; "
+                       "0 = fully quantized from step 1 (plain QAT)")
+    shape: str = Field("linear", description="shape of the rise: λ = 1 − (the schedule's "
+                       "multiplier) of any LR schedule name, e.g. linear, warmup_cosine")
+
+    @field_validator("shape")
+    @classmethod
+    def _known_shape(cls, value: str) -> str:
+        try:
+            name = resolve_schedule_name(value)
+        except ValueError as exc:
+            problems = getattr(exc, "problems", None)
+            raise ValueError("; ".join(p.message for p in problems) if problems else str(exc)) \
+                from None
+        if name in ("constant", "plateau"):
+            raise ValueError(f"{value!r} never rises; use a decaying shape such as linear or "
+                             "warmup_cosine")
+        return name
+
+
+class QuantizationConfig(Section):
+    """Quantization-aware training (a model transform; see ``gearshift.transforms.bitnet``)."""
+
+    method: Literal["bitnet_b158"] | None = Field(
+        None, description="bitnet_b158 = ternary weights (absmean) and 8-bit activations "
+        "(per-token absmax) with a straight-through estimator; null = no quantization")
+    modules: list[str] | None = Field(
+        None, description="Linear layers quantized: module names, name suffixes or regexes; "
+        "null = every Linear except lm_head")
+    exclude: list[str] = Field(
+        default_factory=list, description="Linear layers left in full precision: names, "
+        "suffixes or regexes")
+    activation_bits: int = Field(8, ge=2, le=8, description="bits of the per-token "
+                                 "activation quantization (export needs 8)")
+    ramp: QuantRamp = Field(default_factory=QuantRamp)
+
+    @field_validator("modules", "exclude")
+    @classmethod
+    def _patterns_compile(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc}); "
+                                 "escape special characters or give the plain module name") \
+                    from None
+        return value
+
+
 class RecoveryConfig(Section):
     """What the loop does when a step runs out of memory or goes non-finite."""
 
@@ -308,6 +361,7 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     phases: dict[str, Any] | None = Field(
         None, description="the phase controller (gearshift's schema or the LoRA-trainer "
         "schema); see the README section 'Adaptive phases'")

@@ -8,6 +8,7 @@ Example:
 """
 
 from gearshift.models.load import load_adapter, load_base_model
+from gearshift.models.quantized import is_packed_bitnet, quantization_config_of
 from gearshift.models.validate import (
     KINDS,
     ModelDirReport,
@@ -20,5 +21,5 @@ from gearshift.models.validate import (
 )
 
 __all__ = ["KINDS", "ModelDirReport", "adapter_base", "has_tokenizer", "is_adapter_dir",
-           "load_adapter", "load_base_model", "require_model_dir", "tokenizer_dir",
-           "validate_model_dir"]
+           "is_packed_bitnet", "load_adapter", "load_base_model", "quantization_config_of",
+           "require_model_dir", "tokenizer_dir", "validate_model_dir"]

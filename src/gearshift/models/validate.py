@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gearshift.errors import ModelError
+from gearshift.models.quantized import quantization_config_of
 
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -196,7 +197,13 @@ def _check_model(report: ModelDirReport, *, load: bool, tokenizer: bool) -> None
     if tokenizer and not has_tokenizer(path):
         problems.append("no tokenizer: expected tokenizer.json or tokenizer_config.json (save "
                         "one with tokenizer.save_pretrained(DIR))")
-    if load and config is not None and weight_files:
+    quantized = None
+    try:
+        quantized = quantization_config_of(path)  # e.g. packed BitNet: a well-formed entry
+    except ModelError as exc:
+        problems.append(str(exc))
+    if load and config is not None and weight_files and quantized is None:
+        # Packed weights (uint8, with scales) do not have the architecture's float shapes.
         from gearshift.models.tensors import check_model_tensors
 
         report.tensors = check_model_tensors(path, config, weight_files, shard_map, problems)

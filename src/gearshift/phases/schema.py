@@ -35,7 +35,8 @@ Defaults, gearshift schema (each is the ``Field`` default below):
 - ``alpha: 16`` for phases and groups that set none; ``use_rslora: false``; no groups, no
   experts.
 - per phase: ``min_steps: 50``, ``max_steps: null`` (never forced), ``alpha: null`` (the
-  top-level alpha), ``expert_alpha: {}``, ``lr_scale: 1.0``.
+  top-level alpha), ``expert_alpha: {}``, ``lr_scale: 1.0``, ``quant_lambda: null`` (the
+  quantization ramp decides λ; with a ``quantization`` section only).
 - ``exit``: ``relative_improvement_below: 0.0002`` (0.02% of the mean loss per step),
   ``min_gradient_stability: null`` (not checked), ``max_cv: 0.5`` (on the level, not on each
   step), ``min_r2: null`` (not reported), ``require_r2: false`` (R² advisory).
@@ -97,6 +98,10 @@ class PhaseConfig(_Strict):
         default_factory=dict, description="{expert: alpha or {group: alpha}} for MoE experts")
     lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False,
                             description="multiplier of the learning rate during this phase")
+    quant_lambda: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="quantization strength λ during this phase (with a quantization section); "
+        "null = the quantization ramp decides")
     exit: ExitCriteria = Field(default_factory=ExitCriteria)
 
 

@@ -70,6 +70,8 @@ class Phase:
     lr_scale: float
     exit: ExitSpec
     display_alpha: float | dict[str, float]
+    #: Quantization strength λ in this phase (None: the quantization ramp decides).
+    quant_lambda: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def _from_own(cfg: PhasesConfig) -> ControllerSpec:
             exit=ExitSpec(threshold=e.relative_improvement_below, relative=True,
                           min_gradient_stability=e.min_gradient_stability, max_cv=e.max_cv,
                           min_r2=e.min_r2, require_r2=e.require_r2),
-            display_alpha=alpha))
+            display_alpha=alpha, quant_lambda=p.quant_lambda))
     return ControllerSpec(
         schema="gearshift", phases=tuple(phases), window=cfg.window, patience=cfg.patience,
         confidence=cfg.confidence, use_rslora=cfg.use_rslora, default_alpha=cfg.alpha,

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from gearshift.train.dynamics import PhaseDriver
     from gearshift.train.stream import BatchStream
     from gearshift.train.task import Task
+    from gearshift.transforms import TransformChain
 
 STATE_VERSION = 1
 TASK_TENSORS = "task"
@@ -76,6 +77,7 @@ class TrainState:
         consecutive_nonfinite: Non-finite steps in a row (not saved: a resume starts afresh).
         oom_skips: Steps in a row skipped for a sample too big for memory (not saved).
         attempts: Step attempts in this process, retries included (not saved).
+        transforms: The model transforms whose own state is saved (e.g. the quantization λ).
     """
 
     stream: BatchStream
@@ -96,6 +98,7 @@ class TrainState:
     consecutive_nonfinite: int = 0
     oom_skips: int = 0
     attempts: int = 0
+    transforms: TransformChain | None = None
 
     def count_window(self, window: list[Any], world_size: int) -> None:
         """Count a window's samples and tokens (once, however often the window is re-run)."""
@@ -127,6 +130,7 @@ class TrainState:
             "micro_limit": self.micro_limit,
             "rollbacks": self.rollbacks,
             "task": self.task.state_dict(),
+            "transforms": self.transforms.state_dict() if self.transforms is not None else {},
             **self.phases.json_state(),
         }
 
@@ -173,5 +177,7 @@ class TrainState:
         if TASK_TENSORS in tensors:
             self.task.load_tensor_state(tensors[TASK_TENSORS])
         notes.extend(self.phases.load(state, tensors))
+        if self.transforms is not None:
+            notes.extend(self.transforms.load_state_dict(state.get("transforms") or {}))
         restore_rng_state(state["rng"])
         return notes

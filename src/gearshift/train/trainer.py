@@ -143,7 +143,7 @@ class Trainer:
         self.dynamics.apply()
         self.state = TrainState(self.stream, self.scheduler, self.dynamics, self.task,
                                 self.callbacks, acc.scaler, seed=cfg.seed, total_steps=total_steps,
-                                schedule_interval=s.interval)
+                                schedule_interval=s.interval, transforms=self.transforms)
         self.recovery = Recovery(cfg.recovery, self.state,
                                  lambda *a, **k: self.logger.log_event(*a, **k),
                                  self._roll_back, self._print)
@@ -167,6 +167,7 @@ class Trainer:
                                 purge_step=self.step + 1 if resumed else None,
                                 config=cfg.model_dump(mode="json"))
         self.ckpt.logger = self.logger
+        self._sync_transforms()
         if resumed is not None:
             self._logged_at_resume = (self.step, self.logger.truncate_after(self.step))
             self.logger.log_event(self.step, "resume", checkpoint=str(resumed[0]),
@@ -194,7 +195,13 @@ class Trainer:
         path = self.ckpt.load_newest()[0]
         if path is not None:
             self.logger.truncate_after(self.step)
+            self._sync_transforms()
         return path
+
+    def _sync_transforms(self) -> None:
+        """Let the transforms set up the next step (e.g. the quantization strength)."""
+        self._transform_metrics = self.transforms.on_step(self.raw_model, self.state.step,
+                                                          self.dynamics.controller)
 
     # ------------------------------------------------------------------ the step
 
@@ -238,8 +245,10 @@ class Trainer:
         phase_metrics = self.dynamics.after_step(s.step, step_loss, stability)
         if s.schedule_interval == "step":
             self.scheduler.step()
+        transform_metrics = self._transform_metrics  # what this step ran with
+        self._sync_transforms()
         return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **self._extra(total_units),
-                **phase_metrics}
+                **phase_metrics, **transform_metrics}
 
     def _window_units(self, window: list[Any]) -> tuple[int, int]:
         local = sum(self.task.units(b) for b in window)
@@ -285,8 +294,12 @@ class Trainer:
         return float(total) / max(units, 1)
 
     def evaluate(self) -> dict[str, float]:
-        """The task's evaluation of the eval set (by default loss and perplexity)."""
-        return self.evaluator(self.eval_data)
+        """The task's evaluation of the eval set (by default loss and perplexity), with the
+        transforms' own metrics."""
+        metrics = self.evaluator(self.eval_data)
+        if metrics:
+            metrics.update(self.transforms.eval_metrics(self.raw_model))
+        return metrics
 
     # ------------------------------------------------------------------ the loop
 

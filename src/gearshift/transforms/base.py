@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,6 +48,24 @@ class Transform(ABC):
         """The ``phases`` section as this transform completes it, and the rank alphas scale
         with (None: no rank)."""
         return phases, None
+
+    def on_step(self, model: nn.Module, step: int, controller: Any) -> dict[str, float]:
+        """Called before each optimizer step (``step`` steps done; also after a resume or a
+        rollback) with the phase controller (None: no phases); returns metrics logged with
+        that step."""
+        return {}
+
+    def eval_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Metrics logged with every evaluation."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state saved in every checkpoint (empty: nothing to save)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
+        """Restore :meth:`state_dict`; returns notes for the resume log."""
+        return []
 
     def merge(self, model: nn.Module) -> nn.Module:
         """The model with this transform folded in (a plain model of the layer below)."""
@@ -134,6 +152,30 @@ class TransformChain:
             if alphas is not None:
                 return alphas
         return None
+
+    def on_step(self, model: nn.Module, step: int, controller: Any) -> dict[str, float]:
+        """Every transform's :meth:`Transform.on_step`, merged."""
+        out: dict[str, float] = {}
+        for transform in self.transforms:
+            out.update(transform.on_step(model, step, controller))
+        return out
+
+    def eval_metrics(self, model: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for transform in self.transforms:
+            out.update(transform.eval_metrics(model))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{transform name: state}`` of the transforms that have state."""
+        return {t.name: state for t in self.transforms if (state := t.state_dict())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
+        notes: list[str] = []
+        for transform in self.transforms:
+            if transform.name in state:
+                notes.extend(transform.load_state_dict(state[transform.name]))
+        return notes
 
     def export(self, model: nn.Module, directory: Path, *, merged: bool = False,
                tokenizer: Any = None) -> Path:
