@@ -12,11 +12,12 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from gearshift.cli import checkpoint, config, model, resume, train
+from gearshift.cli import checkpoint, compare, config, model, report, resume, train
 from gearshift.errors import GearshiftError
 
 # Verb name -> module with ``add_parser(sub)`` and ``run(args) -> int``, in the order of --help.
-VERBS: dict[str, ModuleType] = {m.NAME: m for m in (train, resume, config, checkpoint, model)}
+VERBS: dict[str, ModuleType] = {m.NAME: m for m in (train, resume, report, compare,
+                                                     config, checkpoint, model)}
 
 
 def build_parser() -> argparse.ArgumentParser:

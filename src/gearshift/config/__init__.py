@@ -21,6 +21,7 @@ from gearshift.config.schema import (
     ModelBuild,
     ModelConfig,
     OptimConfig,
+    ReportConfig,
     ScheduleConfig,
     TrainingConfig,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ModelBuild",
     "ModelConfig",
     "OptimConfig",
+    "ReportConfig",
     "Resolved",
     "ScheduleConfig",
     "TrainingConfig",

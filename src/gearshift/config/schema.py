@@ -210,6 +210,13 @@ class FaultsConfig(Section):
         "spoils one attempt, so repeat a step to make it fail several times in a row")
 
 
+class ReportConfig(Section):
+    """The report written into ``RUN_DIR/report/`` when ``gearshift train`` ends."""
+
+    enabled: bool = Field(True, description="write RUN_DIR/report/ (plots + summary.md) when "
+                          "`gearshift train` or `gearshift resume` ends")
+
+
 class Config(Section):
     """The whole run configuration.
 
@@ -234,6 +241,7 @@ class Config(Section):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     phases: dict[str, Any] | None = Field(
         None, description="the phase controller (gearshift's schema or the LoRA-trainer "
         "schema); see the README section 'Adaptive phases'")

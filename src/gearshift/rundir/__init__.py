@@ -40,6 +40,7 @@ from gearshift.rundir.readers import (
     read_run_config,
     read_run_config_dict,
 )
+from gearshift.rundir.status import RunStatus, run_status
 from gearshift.rundir.writers import write_run_config
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "EventRecord",
     "MetricRecord",
     "RunPaths",
+    "RunStatus",
     "append_record",
     "create_run_dir",
     "drop_torn_tail",
@@ -68,6 +70,7 @@ __all__ = [
     "read_overrides",
     "read_run_config",
     "read_run_config_dict",
+    "run_status",
     "truncate_after",
     "write_run_config",
 ]

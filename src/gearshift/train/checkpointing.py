@@ -19,6 +19,7 @@ from gearshift.config.schema import CheckpointConfig
 from gearshift.errors import CheckpointError
 from gearshift.rundir import RunPaths
 from gearshift.train.logger import RunLogger
+from gearshift.train.memory import peak_memory_mb
 from gearshift.train.state import TrainState
 from gearshift.transforms import TransformChain
 
@@ -74,7 +75,8 @@ class Checkpoints:
             except STORAGE_ERRORS as exc:
                 failure = [self.storage_failure(f"checkpoint of step {step}", exc)]
             else:
-                self._event("checkpoint", path=str(path))
+                self._event("checkpoint", path=str(path),
+                            peak_memory_mb=peak_memory_mb(acc.device))
         acc.wait_for_everyone()
         if acc.num_processes > 1:
             broadcast_object_list(failure)  # every rank stops together, none waits forever

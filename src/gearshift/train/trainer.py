@@ -27,7 +27,7 @@ from gearshift.train.evaluate import Evaluator
 from gearshift.train.faults import install_nan_fault, install_oom_fault
 from gearshift.train.interrupt import StopRequest, TrainingInterrupted
 from gearshift.train.logger import RunLogger
-from gearshift.train.memory import enable_gradient_checkpointing
+from gearshift.train.memory import enable_gradient_checkpointing, peak_memory_mb
 from gearshift.train.recovery import Recovery
 from gearshift.train.state import TrainState
 from gearshift.train.stream import BatchStream
@@ -342,7 +342,8 @@ class Trainer:
             where = f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (disabled)"
             msg = (f"stopped at step {s.step}/{s.total_steps}; {where}. "
                    f"Resume with: gearshift resume {self.run_dir}")
-            self.logger.log_event(s.step, "interrupted", signal=interrupted)
+            self.logger.log_event(s.step, "interrupted", signal=interrupted,
+                                  peak_memory_mb=peak_memory_mb(self.accelerator.device))
             self.logger.close()
             raise TrainingInterrupted(msg, interrupted)
         return self._finish(last_ckpt)
@@ -382,7 +383,8 @@ class Trainer:
         if self.state.initial_eval:
             metrics["eval/loss_before"] = self.state.initial_eval["eval/loss"]
         metrics.update(final_eval)
-        self.logger.log_event(self.step, "end", **metrics)
+        self.logger.log_event(self.step, "end", **metrics,
+                              peak_memory_mb=peak_memory_mb(self.accelerator.device))
         self.logger.close()
         self.accelerator.wait_for_everyone()  # no rank leaves while another still exports
         result = RunResult(self.run_dir, self.step, metrics, last_ckpt, final_dir)
