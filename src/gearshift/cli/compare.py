@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -90,7 +91,12 @@ def _study(path: Path, args: argparse.Namespace) -> int:
     print(f"study: {root} ({len(study.spec.arms)} arms x {len(study.spec.seeds)} seeds, "
           f"--jobs {args.jobs})")
     started = time.perf_counter()
-    outcomes = execute(study, root, planned, jobs=args.jobs)
+    try:
+        outcomes = execute(study, root, planned, jobs=args.jobs)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the running runs checkpointed and stopped; rerun the same "
+              f"command to continue {root}", file=sys.stderr)
+        return 130
     failed = [o for o in outcomes if o.returncode not in (None, 0, 3)]
     comparison = study.compare(root, planned)
     print(f"time: {time.perf_counter() - started:.0f} s")

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from gearshift.report import load_run, write_report
 
     written = write_report(args.run_dir)
-    status = load_run(args.run_dir).status
-    print(f"run: {args.run_dir} ({status.state}, step {status.step})")
+    run = load_run(args.run_dir)
+    print(f"run: {args.run_dir} ({run.status.state}, step {run.last_step})")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -47,7 +47,7 @@ def run_outcome(run: RunData, metric: str, *, maximize: bool,
         worse_by = (best - final) if maximize else (final - best)
         collapsed = worse_by > collapse_tolerance * abs(best)
     return {"run": str(run.path), "seed": run.config.seed if run.config else None,
-            "state": run.status.state, "steps": run.status.step,
+            "state": run.status.state, "steps": run.last_step,
             "final": final, "best": best, "step_of_best": best_step,
             "diverged": run.diverged, "collapsed": collapsed,
             "time_s": run.status.active_seconds, "tokens_per_s": run.throughput}

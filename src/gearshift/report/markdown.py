@@ -83,7 +83,7 @@ def run_markdown(run: RunData, plots: Sequence[str]) -> str:
     """The ``summary.md`` of one run."""
     st = run.status
     lines = [f"# Run report: {run.name}", "", f"- status: {STATE_WORDS[st.state]}",
-             f"- steps: {st.step}" + (f" of {st.total_steps}" if st.total_steps else "")
+             f"- steps: {run.last_step}" + (f" of {st.total_steps}" if st.total_steps else "")
              + (f" ({st.resumes} resume{'s' if st.resumes != 1 else ''})" if st.resumes else ""),
              f"- time: {_time(st.active_seconds)} of training (summed over segments)",
              f"- throughput: {fmt(run.throughput, 5)} tokens/s (median of logged intervals)",

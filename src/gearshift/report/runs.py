@@ -58,6 +58,11 @@ class RunData:
                     seen.setdefault(key, None)
         return list(seen)
 
+    @property
+    def last_step(self) -> int:
+        """The highest step of any metric or event written so far."""
+        return max([self.status.step, *(r.step for r in self.metrics)])
+
     def events_of(self, *kinds: str) -> list[rundir.EventRecord]:
         return [e for e in self.events if e.kind in kinds]
 
