@@ -294,3 +294,20 @@ def test_report_never_imports_the_trainer() -> None:
                            "print(callable(gs.train), gs.Trainer.__name__)"],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["True", "Trainer"], proc.stderr
+
+
+def test_run_status_sums_the_segments_of_a_resumed_run(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "resumed", [(0, 5.0)], events=[
+        {"step": 4, "event": "checkpoint", "time": 110.0, "peak_memory_mb": 300.0},
+        # killed here; resumed much later from step 4
+        {"step": 4, "event": "resume", "time": 500.0, "checkpoint": "step-00000004"},
+        {"step": 8, "event": "checkpoint", "time": 520.0, "peak_memory_mb": 350.5},
+        {"step": 10, "event": "end", "time": 530.0, "peak_memory_mb": 340.0}])
+    status = rundir.run_status(run)
+    assert status.state == "finished" and status.step == 10 and status.total_steps == 20
+    assert status.resumes == 1 and status.peak_memory_mb == 350.5
+    assert status.active_seconds == pytest.approx((110 - 100) + (530 - 500))
+    killed = fake_run(tmp_path, "killed", [(0, 5.0)], events=[
+        {"step": 4, "event": "checkpoint", "time": 110.0}])
+    assert rundir.run_status(killed).state == "running"
+    assert rundir.run_status(killed).peak_memory_mb is None
