@@ -11,6 +11,13 @@ from gearshift.errors import UsageError
 
 NAME = "compare"
 
+DESCRIPTION = """\
+Run every arm x seed of ARMS.yaml as a normal run and compare the arms with the
+control: final and best metric (mean, std, 95% CI over seeds), diverged and
+collapsed counts, the difference to the control with a bootstrap 95% CI and a
+Welch t-test, and a verdict (better | worse | no clear difference). Or compare
+existing RUN_DIRs, each its own arm."""
+
 EPILOG = """\
 study file (ARMS.yaml):
   name: warmup-study
@@ -38,11 +45,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     """Add ``gearshift compare``."""
     p = sub.add_parser(
         "compare", help="run arms x seeds from a study file, or compare existing runs",
-        description="Run every arm x seed of ARMS.yaml as a normal run and compare the arms "
-                    "with the control: final and best metric (mean, std, 95% CI over seeds), "
-                    "diverged and collapsed counts, difference to the control with a bootstrap "
-                    "95% CI and a Welch t-test, and a verdict (better | worse | no clear "
-                    "difference). Or compare existing RUN_DIRs, each its own arm.",
+        description=DESCRIPTION,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="ARMS.yaml | RUN_DIR",
                    help="a study file, or two or more run directories")
