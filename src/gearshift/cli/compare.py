@@ -6,8 +6,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gearshift.errors import UsageError
+
+if TYPE_CHECKING:
+    from gearshift.report import Comparison
 
 NAME = "compare"
 
@@ -136,7 +140,8 @@ def _run_dirs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_verdicts(comparison, report: Path) -> None:
+def _print_verdicts(comparison: Comparison, report: Path) -> None:
+    """One line per arm: its final metric, failures and verdict; then where the report is."""
     s = comparison.stats
     for arm, a in s["arms"].items():
         final = a["final"]["mean"]

@@ -116,7 +116,8 @@ class Comparison:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written = [_write_text(out / STATS_FILE, json.dumps(json_safe_tree(self.stats), indent=2) + "\n")]
+        stats = json.dumps(json_safe_tree(self.stats), indent=2) + "\n"
+        written = [_write_text(out / STATS_FILE, stats)]
         written.extend(comparison_plots(self, out))
         written.append(_write_text(out / SUMMARY_FILE, self.to_markdown()))
         return written

@@ -133,8 +133,6 @@ def run_markdown(run: RunData, plots: Sequence[str]) -> str:
 def _details(fields: dict[str, Any]) -> str:
     parts = []
     for key, value in fields.items():
-        if key in ("time",):
-            continue
         text = fmt(value) if isinstance(value, int | float | None) else (
             value if isinstance(value, str) else json.dumps(value))
         parts.append(f"{key}={text[:120]}")

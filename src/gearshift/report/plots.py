@@ -107,10 +107,10 @@ def run_plots(run: RunData, out: Path) -> list[Path]:
         written.append(_save(fig, out / "loss.png"))
     evals = [m for m in run.metric_names() if m.startswith("eval/")]
     if evals:
-        fig, axes_ = Figure(figsize=(8, 3 * len(evals)), dpi=100), None
+        fig = Figure(figsize=(8, 3 * len(evals)), dpi=100)
         FigureCanvasAgg(fig)
-        axes_ = fig.subplots(len(evals), 1, squeeze=False)[:, 0]
-        for ax, name in zip(axes_, evals, strict=True):
+        for ax, name in zip(fig.subplots(len(evals), 1, squeeze=False)[:, 0], evals,
+                            strict=True):
             x, y = _xy(run.series(name))
             ax.plot(x, y, marker="o", markersize=3)
             ax.set_title(name)
