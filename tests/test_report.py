@@ -311,3 +311,20 @@ def test_run_status_sums_the_segments_of_a_resumed_run(tmp_path: Path) -> None:
         {"step": 4, "event": "checkpoint", "time": 110.0}])
     assert rundir.run_status(killed).state == "running"
     assert rundir.run_status(killed).peak_memory_mb is None
+
+
+def test_a_run_stopped_by_the_nan_guard_reads_as_diverged(make_config) -> None:
+    cfg = make_config(training={"max_steps": 10, "eval_every": 4, "log_every": 1},
+                      checkpoint={"every": 4}, faults={"nan_at_steps": [6] * 9},
+                      recovery={"max_consecutive_nonfinite": 3, "max_rollbacks": 1})
+    with pytest.raises(gs.TrainingDiverged):
+        gs.train(cfg)
+    (run,) = Path(cfg["output_dir"]).iterdir()
+    (event,) = rundir.read_events(run, "diverged")
+    assert "after 1 rollback(s)" in event.fields["reason"]
+    data = load_run(run)
+    assert data.status.state == "diverged" and data.diverged
+    write_report(run)
+    md = (run / "report" / "summary.md").read_text()
+    assert "- status: diverged (stopped by the NaN / out-of-memory guard)" in md
+    assert "| rollback |" in md and "| diverged |" in md
