@@ -73,12 +73,22 @@ def test_train_help_shows_value_placeholders_and_schedule_names(
 
 
 def test_every_verb_is_a_module_with_its_parser_and_run() -> None:
-    from gearshift.cli import checkpoint, config, model, profile, quantize, resume, train
+    from gearshift.cli import (
+        checkpoint,
+        compare,
+        config,
+        model,
+        profile,
+        quantize,
+        report,
+        resume,
+        train,
+    )
     from gearshift.cli.main import VERBS, build_parser
 
-    assert VERBS == {"train": train, "resume": resume, "config": config,
-                     "checkpoint": checkpoint, "model": model, "profile": profile,
-                     "quantize": quantize}
+    assert VERBS == {"train": train, "resume": resume, "report": report, "compare": compare,
+                     "config": config, "checkpoint": checkpoint, "model": model,
+                     "profile": profile, "quantize": quantize}
     parser = build_parser()
     for argv, verb in ((["train"], "train"), (["resume", "r"], "resume"),
                        (["config", "show"], "config"), (["checkpoint", "verify", "p"],

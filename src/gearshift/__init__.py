@@ -9,6 +9,11 @@ Example:
     >>> result = gs.train(cfg)
 """
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from gearshift.config import Config, load_config
 from gearshift.errors import (
     CheckpointError,
@@ -17,14 +22,42 @@ from gearshift.errors import (
     GearshiftError,
     ModelError,
 )
-from gearshift.run import train
-from gearshift.train import (
-    Callback,
-    RunResult,
-    Trainer,
-    TrainingDiverged,
-    TrainingInterrupted,
-)
+
+if TYPE_CHECKING:
+    from gearshift.run import train
+    from gearshift.train import (
+        Callback,
+        RunResult,
+        Trainer,
+        TrainingDiverged,
+        TrainingInterrupted,
+    )
+
+# The trainer (torch, Accelerate, transformers) loads on first use, so that reading a run
+# (``gearshift.rundir``, ``gearshift.report``) never imports it.
+_LAZY = {"train": "gearshift.run", "Callback": "gearshift.train", "RunResult": "gearshift.train",
+         "Trainer": "gearshift.train", "TrainingDiverged": "gearshift.train",
+         "TrainingInterrupted": "gearshift.train"}
+
+
+class _Package(types.ModuleType):
+    """``gs.train`` is the function even though ``gearshift.train`` is also a sub-package:
+    importing the sub-package must not replace the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "train" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _LAZY:
+            raise AttributeError(f"module 'gearshift' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        super().__setattr__(name, value)
+        return value
+
+
+sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 

@@ -35,7 +35,7 @@ def resolve_resume(config: Config, resume: str | Path | None) -> Path | None:
 
 def train(config: Config | Mapping[str, Any] | str | Path | None = None, *,
           resume: str | Path | None = None, callbacks: Iterable[Callback] = (),
-          audit: dict[str, Any] | None = None) -> RunResult:
+          audit: dict[str, Any] | None = None, run_dir: str | Path | None = None) -> RunResult:
     """Run the task described by ``config`` (``task:``, default ``lm``).
 
     Args:
@@ -43,6 +43,8 @@ def train(config: Config | Mapping[str, Any] | str | Path | None = None, *,
         resume: a run directory or ``"auto"``; overrides ``config.resume``.
         callbacks: extra :class:`Callback` instances.
         audit: where each non-default value came from (written to ``overrides.json``).
+        run_dir: write the run into this directory instead of a new
+            ``<output_dir>/<name>-<time>`` (with ``resume``, the run being continued).
 
     Returns:
         The :class:`RunResult` (run directory, final step, eval metrics before and after).
@@ -57,8 +59,9 @@ def train(config: Config | Mapping[str, Any] | str | Path | None = None, *,
     task = TASKS[cfg.task](cfg)  # the name was validated with the config
     parts = task.build()
     trainer = Trainer(parts.model, parts.train_data, cfg, eval_data=parts.eval_data,
-                      callbacks=[*callbacks, *parts.callbacks], resume_from=resume_dir, tokenizer=parts.tokenizer,
-                      collate_fn=parts.collate_fn, audit=audit, task=task,
+                      callbacks=[*callbacks, *parts.callbacks], resume_from=resume_dir,
+                      run_dir=run_dir, tokenizer=parts.tokenizer, collate_fn=parts.collate_fn,
+                      audit=audit, task=task,
                       transforms=build_transforms(cfg))
     result = trainer.fit()
     result.metrics.update(parts.result_metrics)

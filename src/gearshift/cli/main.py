@@ -12,12 +12,22 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from gearshift.cli import checkpoint, config, model, profile, quantize, resume, train
+from gearshift.cli import (
+    checkpoint,
+    compare,
+    config,
+    model,
+    profile,
+    quantize,
+    report,
+    resume,
+    train,
+)
 from gearshift.errors import GearshiftError
 
 # Verb name -> module with ``add_parser(sub)`` and ``run(args) -> int``, in the order of --help.
-VERBS: dict[str, ModuleType] = {m.NAME: m for m in (train, resume, config, checkpoint, model,
-                                                  profile, quantize)}
+VERBS: dict[str, ModuleType] = {m.NAME: m for m in (train, resume, report, compare, config,
+                                                     checkpoint, model, profile, quantize)}
 
 
 def build_parser() -> argparse.ArgumentParser:

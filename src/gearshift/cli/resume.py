@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         UsageError: If RUN_DIR is not a directory.
         RunDirError: If its config.yaml is missing or empty.
     """
+    from gearshift.cli.report_hook import ReportOnEnd
     from gearshift.run import train
 
     run_dir = Path(args.run_dir)
@@ -43,4 +44,6 @@ def run(args: argparse.Namespace) -> int:
     if args.sets:
         layers.append(parse_set_overrides(args.sets))
     resolved = resolve(layers)
-    return report_run(lambda: train(resolved.config, resume=run_dir, audit=resolved.audit))
+    hook = ReportOnEnd()
+    return report_run(lambda: train(resolved.config, resume=run_dir, audit=resolved.audit,
+                                    callbacks=[hook]), hook)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gearshift.cli.options import add_config_args, resolve_args
+from gearshift.errors import UsageError
 from gearshift.rundir import RunPaths
 
 if TYPE_CHECKING:
+    from gearshift.cli.report_hook import ReportOnEnd
     from gearshift.train import RunResult
 
 NAME = "train"
@@ -25,6 +28,8 @@ examples:
   gearshift train                                   # the embedded default recipe
   gearshift train my.yaml --max-steps 500 --set data.seq_len=256
   gearshift train my.yaml --resume auto             # continue the newest run of this name
+  gearshift train my.yaml --run-dir runs/exp1        # this directory, not runs/<name>-<time>
+  gearshift train my.yaml --set report.enabled=false # no RUN_DIR/report/ at the end
 """
 
 
@@ -36,19 +41,43 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        "a small byte-level Llama trained on the Python reference manual.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="write the run into DIR (created if missing, must hold no run yet) "
+                        "instead of OUTPUT_DIR/NAME-YYYYmmdd-HHMMSS")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train, and print where the run went; the exit code."""
+    from gearshift.cli.report_hook import ReportOnEnd
     from gearshift.run import train
 
     resolved = resolve_args(args)
-    return report_run(lambda: train(resolved.config, audit=resolved.audit))
+    resume = resolved.config.resume
+    run_dir = _fresh_run_dir(args.run_dir, resumed=resume is not None)
+    if run_dir is not None and resume not in (None, "auto") and Path(resume) != run_dir:
+        raise UsageError(f"--run-dir {run_dir} and --resume {resume} name two directories; a "
+                         "resumed run stays in its own directory: drop --run-dir")
+    hook = ReportOnEnd()
+    return report_run(lambda: train(resolved.config, audit=resolved.audit, callbacks=[hook],
+                                    run_dir=run_dir), hook)
 
 
-def report_run(start: Callable[[], RunResult]) -> int:
-    """Run ``start`` and print the run directory, steps, eval loss and final model.
+def _fresh_run_dir(value: str | None, *, resumed: bool) -> Path | None:
+    """``--run-dir``: None, or a directory that holds no run yet (unless resuming)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--run-dir {path} is a file; give a directory")
+    if not resumed and RunPaths(path).config.exists():
+        raise UsageError(f"--run-dir {path} already holds a run; continue it with `gearshift "
+                         f"resume {path}`, or give an empty or new directory")
+    return path
+
+
+def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) -> int:
+    """Run ``start`` and print the run directory, steps, eval loss, final model and report.
 
     Returns:
         0, or the exit code of a graceful stop (``128 + signal``).
@@ -73,4 +102,6 @@ def report_run(start: Callable[[], RunResult]) -> int:
     if result.final_dir is not None:
         print(f"final model: {result.final_dir}")
     print(f"curves: tensorboard --logdir {RunPaths(result.run_dir).tensorboard}")
+    if hook is not None and hook.summary is not None:
+        print(f"report: {hook.summary}")
     return 0

@@ -335,6 +335,13 @@ class EvalConfig(Section):
         "null = off")
 
 
+class ReportConfig(Section):
+    """The report written into ``RUN_DIR/report/`` when ``gearshift train`` ends."""
+
+    enabled: bool = Field(True, description="write RUN_DIR/report/ (plots + summary.md) when "
+                          "`gearshift train` or `gearshift resume` ends")
+
+
 class Config(Section):
     """The whole run configuration.
 
@@ -362,6 +369,7 @@ class Config(Section):
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     phases: dict[str, Any] | None = Field(
         None, description="the phase controller (gearshift's schema or the LoRA-trainer "
         "schema); see the README section 'Adaptive phases'")

@@ -41,6 +41,7 @@ from gearshift.rundir.readers import (
     read_run_config,
     read_run_config_dict,
 )
+from gearshift.rundir.status import RunStatus, run_status
 from gearshift.rundir.writers import write_run_config
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "EventRecord",
     "MetricRecord",
     "RunPaths",
+    "RunStatus",
     "append_record",
     "create_run_dir",
     "drop_torn_tail",
@@ -70,6 +72,7 @@ __all__ = [
     "read_overrides",
     "read_run_config",
     "read_run_config_dict",
+    "run_status",
     "truncate_after",
     "write_run_config",
 ]

@@ -64,6 +64,6 @@ class CallbackList:
         for cb in self.callbacks:
             if cb.state_key in state:
                 cb.load_state_dict(state[cb.state_key])
-            else:
+            elif cb.state_dict():  # a callback without state has nothing to miss
                 missing.append(cb.state_key)
         return missing

@@ -28,6 +28,7 @@ from gearshift.config.schema import CheckpointConfig
 from gearshift.errors import CheckpointError
 from gearshift.rundir import RunPaths
 from gearshift.train.logger import RunLogger
+from gearshift.train.memory import process_peak_mb
 from gearshift.train.state import TrainState
 from gearshift.transforms import TransformChain
 
@@ -170,7 +171,8 @@ class Checkpoints:
         # Logged at the checkpoint's step (a resume from it keeps the event); when it was
         # collected is ``committed_at_step``.
         self._event("checkpoint", step, path=str(committed), checkpoint_step=step,
-                    committed_at_step=self.state.step, **fields)
+                    committed_at_step=self.state.step,
+                    peak_memory_mb=process_peak_mb(self.accelerator.device), **fields)
         self.last = committed
         if self.on_commit is not None:
             self.on_commit(committed)

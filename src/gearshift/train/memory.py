@@ -99,3 +99,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> str:
         block.forward = forward  # type: ignore[method-assign]
         block._gearshift_checkpointed = True  # type: ignore[attr-defined]
     return f"{len(blocks)} blocks"
+
+
+def process_peak_mb(device: torch.device) -> float:
+    """The most memory this process has held so far, in MiB (no collective: safe in events).
+
+    On CUDA the allocator's peak for ``device``; elsewhere the peak resident set size of the
+    process (what the operating system had to give it), which covers CPU tensors too.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB

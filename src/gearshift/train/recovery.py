@@ -98,7 +98,7 @@ class Recovery:
         """Run one evaluation ``attempt`` until it fits in memory."""
         out = self._until_it_fits(attempt, [batch], "evaluation")
         if out is None:
-            raise TrainingDiverged(
+            raise self._diverged(
                 "evaluation runs out of memory with one sample per forward pass; "
                 "lower data.max_eval_sequences or data.seq_len, or use bf16")
         return out
@@ -130,7 +130,7 @@ class Recovery:
             self.log_event(s.step, "oom_skip", error=str(exc)[:300])
             self.say(f"out of memory on a single sample at step {s.step + 1}: step skipped")
             if s.oom_skips >= self.config.max_consecutive_oom_skips:
-                raise TrainingDiverged(
+                raise self._diverged(
                     f"{s.oom_skips} steps in a row ran out of memory with one sample per "
                     "forward pass; lower data.seq_len, use precision bf16 or "
                     "gradient_checkpointing, or a machine with more memory")
@@ -143,6 +143,12 @@ class Recovery:
             self.say(f"out of memory at step {s.step + 1}: re-running the batch in "
                      f"micro-batches of {s.micro_limit}")
         return True
+
+    def _diverged(self, message: str) -> TrainingDiverged:
+        """The error that stops a diverged run, recorded first as a ``diverged`` event so that
+        readers of the run directory (report, compare) can tell it from a kill."""
+        self.log_event(self.state.step, "diverged", reason=message)
+        return TrainingDiverged(message)
 
     def step_done(self) -> None:
         """A finite step went through: the streaks end."""
@@ -163,14 +169,14 @@ class Recovery:
         rec, s = self.config, self.state
         n = s.consecutive_nonfinite
         if s.rollbacks >= rec.max_rollbacks:
-            raise TrainingDiverged(
+            raise self._diverged(
                 f"{n} non-finite steps in a row at step {s.step} after {s.rollbacks} "
                 f"rollback(s) (recovery.max_rollbacks={rec.max_rollbacks}); lower the learning "
                 "rate or check the data, then resume from the last good checkpoint")
         factor_in_force = s.scheduler.scale("rollback")
         path = self.roll_back()
         if path is None:
-            raise TrainingDiverged(
+            raise self._diverged(
                 f"{n} non-finite steps in a row at step {s.step} and no checkpoint to roll "
                 "back to; lower the learning rate or checkpoint more often (checkpoint.every)")
         s.rollbacks += 1

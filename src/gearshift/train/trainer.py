@@ -31,6 +31,7 @@ from gearshift.train.memory import (
     PEAK_METRIC,
     enable_gradient_checkpointing,
     peak_memory_mb,
+    process_peak_mb,
     run_peak_mb,
 )
 from gearshift.train.recovery import Recovery
@@ -369,7 +370,8 @@ class Trainer:
             where = f"checkpoint {last_ckpt}" if last_ckpt else "no checkpoint (disabled)"
             msg = (f"stopped at step {s.step}/{s.total_steps}; {where}. "
                    f"Resume with: gearshift resume {self.run_dir}")
-            self.logger.log_event(s.step, "interrupted", signal=interrupted)
+            self.logger.log_event(s.step, "interrupted", signal=interrupted,
+                                  peak_memory_mb=process_peak_mb(self.accelerator.device))
             self.logger.close()
             raise TrainingInterrupted(msg, interrupted)
         return self._finish()
@@ -410,7 +412,8 @@ class Trainer:
             metrics["eval/loss_before"] = self.state.initial_eval["eval/loss"]
         metrics.update(final_eval)
         metrics[PEAK_METRIC] = run_peak_mb(self.run_dir, self.accelerator)
-        self.logger.log_event(self.step, "end", **metrics)
+        self.logger.log_event(self.step, "end", **metrics,
+                              peak_memory_mb=process_peak_mb(self.accelerator.device))
         self.logger.close()
         self.ckpt.drain()  # retention of the last checkpoint, still in the writer's thread
         self.accelerator.wait_for_everyone()  # no rank leaves while another still exports
