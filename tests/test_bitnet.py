@@ -244,7 +244,7 @@ class CrashAfterCheckpoint(gs.Callback):
         self.step = step
 
     def on_checkpoint(self, trainer: gs.Trainer, path: Path) -> None:
-        if trainer.step == self.step:
+        if path.name == f"step-{self.step:08d}":  # committed (asynchronous saves commit later)
             raise Crash(str(trainer.run_dir))
 
 
