@@ -213,3 +213,16 @@ def test_first_ctrl_c_checkpoints_and_raises_interrupted(make_config) -> None:
     assert info.value.exit_code == 130
     (run,) = Path(cfg["output_dir"]).iterdir()
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000003"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_so(make_config, tmp_path: Path) -> None:
+    """The run directory exists (config.yaml) but no checkpoint was ever written."""
+    run = tmp_path / "early-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(make_config()))
+    with pytest.raises(gs.CheckpointError, match=r"no valid checkpoint in .*checkpoints: the run "
+                       r"stopped before its first checkpoint; start it again with `gearshift "
+                       r"train .*config.yaml`"):
+        gs.train(make_config(), resume=run)
+    with pytest.raises(gs.CheckpointError, match=r"is not a run directory with checkpoints"):
+        gs.train(make_config(), resume=tmp_path / "nothing-here")

@@ -27,7 +27,12 @@ def resolve_resume(config: Config, resume: str | Path | None) -> Path | None:
                   f"{config.output_dir}; starting a new run", file=sys.stderr)
         return found
     path = Path(target)
-    if not RunPaths(path).checkpoints.is_dir():
+    paths = RunPaths(path)
+    if paths.config.is_file() and not paths.checkpoints.is_dir():
+        raise CheckpointError(f"no valid checkpoint in {paths.checkpoints}: the run stopped before "
+                              f"its first checkpoint; start it again with "
+                              f"`gearshift train {paths.config}`")
+    if not paths.checkpoints.is_dir():
         raise CheckpointError(f"{path} is not a run directory with checkpoints "
                               "(expected RUN_DIR/checkpoints/); check the path")
     return path
