@@ -4,6 +4,7 @@ packed export that plain transformers loads, and QAT runs (with LoRA, resumed, i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -355,18 +356,26 @@ def test_quantize_export_bad_input_is_a_clear_error(tmp_path: Path, cli) -> None
 
 def test_validate_model_dir_accepts_a_packed_export_and_names_a_broken_entry(
         packed_export, tmp_path: Path) -> None:
+    from gearshift.data import load_tokenizer
     from gearshift.errors import ModelError
     from gearshift.models import is_packed_bitnet, quantization_config_of, validate_model_dir
 
-    _, out = packed_export
-    validate_model_dir(out)
+    _, export = packed_export
+    out = tmp_path / "with-tokenizer"  # what a run's final/ holds: the export and its tokenizer
+    shutil.copytree(export, out)
+    load_tokenizer("byte", None).save_pretrained(out)
+    report = validate_model_dir(out)
+    assert report.ok and report.kind == "full", report.problems
     assert is_packed_bitnet(out) and quantization_config_of(out)["linear_class"] == "bitlinear"
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     (broken / "config.json").write_text(json.dumps({"quantization_config": "bitnet"}))
+    report = validate_model_dir(broken)
+    assert not report.ok and any("quantization_config must be an object" in p
+                                 for p in report.problems), report.problems
     with pytest.raises(ModelError, match="quantization_config must be an object"):
-        validate_model_dir(broken)
+        quantization_config_of(broken)
 
 
 @pytest.mark.slow
