@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gearshift.data.corpus import decode_text
+from gearshift.data.corpus import jsonl_lines, read_data_file
 from gearshift.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -81,17 +81,8 @@ def load_conversations(paths: Sequence[str | Path], *, messages_field: str = "me
         raise DataError("data.source is 'jsonl' but data.paths is empty; list your files")
     out = Conversations([])
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"{p}: data file not found (check data.paths)")
-        raw = p.read_bytes()
-        if not raw.strip():
-            raise DataError(f"{p}: data file is empty")
-        # Only "\n" ends a JSONL line (see gearshift.data.corpus).
-        for lineno, line in enumerate(decode_text(p, raw).split("\n"), start=1):
-            line = line.removesuffix("\r")
-            if not line.strip():
-                continue
+        p, raw = Path(path), read_data_file(path)
+        for lineno, line in jsonl_lines(p, raw):
             try:
                 out.conversations.append(_record(line, messages_field))
             except ValueError as exc:

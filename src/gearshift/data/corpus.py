@@ -8,7 +8,7 @@ are skipped and counted instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +60,7 @@ def load_corpus(
         raise DataError(f"data.source is {source!r} but data.paths is empty; list your files")
     corpus = Corpus([])
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"{p}: data file not found (check data.paths)")
-        raw = p.read_bytes()
-        if not raw.strip():
-            raise DataError(f"{p}: data file is empty")
+        p, raw = Path(path), read_data_file(path)
         if source == "text":
             corpus.documents.append(decode_text(p, raw))
         elif source == "jsonl":
@@ -96,6 +91,29 @@ def decode_text(path: Path, raw: bytes) -> str:
     return text
 
 
+
+def read_data_file(path: str | Path) -> bytes:
+    """The bytes of a data file, or a :class:`DataError` when it is missing or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: data file not found (check data.paths)")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{p}: data file is empty")
+    return raw
+
+
+def jsonl_lines(path: Path, raw: bytes) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of each non-blank line of a JSONL file's bytes.
+
+    Only ``"\n"`` ends a JSONL line: ``str.splitlines()`` would also split inside records
+    holding U+2028, form feeds and the like, and shift every later line number.
+    """
+    for lineno, line in enumerate(decode_text(path, raw).split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield lineno, line
+
 def _read_jsonl(
     path: Path,
     raw: bytes,
@@ -105,13 +123,7 @@ def _read_jsonl(
     on_error: str,
     format_messages: Any,
 ) -> None:
-    text = decode_text(path, raw)
-    # Only "\n" ends a JSONL line: str.splitlines() would also split inside records holding
-    # U+2028, form feeds and the like, and shift every later line number.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
+    for lineno, line in jsonl_lines(path, raw):
         try:
             corpus.documents.append(_jsonl_record(line, text_field, messages_field, format_messages))
         except ValueError as exc:
