@@ -30,9 +30,9 @@ from gearshift.data.synthetic import make_examples, normalize, score
 from gearshift.errors import DataError, ModelError, Problem
 from gearshift.models import require_model_dir
 from gearshift.tasks.generation import GenerationPrompt, exact_match_scores, generate_answers
-from gearshift.tasks.lm import CausalLMLoss, build_causal_lm
+from gearshift.tasks.lm import LMTask, build_causal_lm
 from gearshift.train.callbacks import Callback
-from gearshift.train.task import EvalLoop, LossOutput, Task, TaskParts, perplexity
+from gearshift.train.task import EvalLoop, TaskParts
 
 
 class SftSection(BaseModel):
@@ -44,7 +44,7 @@ class SftSection(BaseModel):
         "assistant", description="targets: the assistant's tokens only, or every token")
 
 
-class SftTask(Task):
+class SftTask(LMTask):
     """Chat supervised fine-tuning: ``model``, ``data``, ``profile``, ``sft``, ``eval`` sections.
 
     The profile's date is fixed when the run starts (``profile.date`` is filled in before the
@@ -57,7 +57,6 @@ class SftTask(Task):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.settings = SftSection.model_validate((config.model_extra or {}).get(self.name) or {})
-        self.loss_fn = CausalLMLoss()
         self.tokenizer: Any = None
         self.system_prompt = ""
         self.prompts: list[GenerationPrompt] = []
@@ -168,16 +167,11 @@ class SftTask(Task):
 
     # ------------------------------------------------------------------ training and evaluation
 
-    def loss(self, model: nn.Module, batch: Any) -> LossOutput:
-        return LossOutput(self.loss_fn(model, batch))
-
-    def units(self, batch: Any) -> int:
-        return self.loss_fn.units(batch)
+    # loss and units: LMTask's (token-weighted next-token cross-entropy on the targets)
 
     def evaluate(self, model: nn.Module, eval_data: Sequence[Any], loop: EvalLoop,
                  ) -> dict[str, float]:
-        metrics = super().evaluate(model, eval_data, loop)
-        metrics["eval/ppl"] = perplexity(metrics["eval/loss"])
+        metrics = super().evaluate(model, eval_data, loop)  # eval/loss and eval/ppl
         gen = self.config.eval.generate
         if gen is None or not self.prompts:
             return metrics
