@@ -117,6 +117,7 @@ def test_empty_run_config_is_refused_clearly(make_config,
     cfg = make_config(training={"max_steps": 6, "eval_every": None}, checkpoint={"every": 3})
     run_dir = gs.train(cfg).run_dir
     (run_dir / "config.yaml").write_text("", encoding="utf-8")
+    capsys.readouterr()  # what the training run printed is not the resume's answer
     code = main(["resume", str(run_dir)])
     _, err = capsys.readouterr()
     assert code == 2 and err.startswith("error: ") and "config.yaml is empty" in err

@@ -143,7 +143,8 @@ class Checkpoints:
             waited = time.perf_counter() - start
             self._event("checkpoint_wait", checkpoint_step=self.pending_step,
                         waited_s=round(waited, 4), reason=reason or "the end of the run")
-            if reason is not None and reason.startswith("the checkpoint") and not self._said_wait:
+            if (reason is not None and reason.startswith("the checkpoint") and not self._said_wait
+                    and waited >= 0.1):  # a few ms of overlap is no reason for advice
                 self._said_wait = True
                 self.say(f"waited {waited:.1f}s for the checkpoint of step {self.pending_step} "
                          f"to be written before {reason} (checkpoints come faster than the "
