@@ -175,3 +175,17 @@ def test_plateau_needs_evaluations() -> None:
 def test_files_with_the_builtin_corpus_are_refused() -> None:
     with pytest.raises(ConfigError, match="files are given but data.source is 'pydoc_topics'"):
         load_config({"data": {"paths": ["a.txt"]}})
+
+
+def test_task_sections_known_without_importing_tasks_first() -> None:
+    """A fresh interpreter that imports only the package validates a config with a task section."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import gearshift as gs; c = gs.load_config('examples/sft_chat.yaml'); "
+            "print(c.task, c.sft['train_on'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["sft", "assistant"]

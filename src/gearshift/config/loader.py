@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gearshift.config.extensions import CHECKS, TASK_REGISTRY, task_sections
+from gearshift.config.extensions import CHECKS, TASK_REGISTRY, load_builtins, task_sections
 from gearshift.config.schema import Config
 from gearshift.errors import ConfigError, Problem, dedupe_problems, did_you_mean
 from gearshift.schedules import schedule_options
@@ -185,6 +185,7 @@ def build_layers(
 
 def validate(raw: Mapping[str, Any], source: str | None = None) -> Config:
     """Validate a merged dict, reporting schema *and* cross-field problems all at once."""
+    load_builtins()
     problems: list[Problem] = []
     config: Config | None = None
     try:
