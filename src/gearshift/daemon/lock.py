@@ -1,0 +1,98 @@
+"""One daemon per base directory: ``daemon.pid`` held with a lock while the daemon lives."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from gearshift.errors import UsageError
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid written in ``path``, or None (no file, empty, not a number)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this pid is alive (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class PidLock:
+    """The lock on ``daemon.pid``: taken for the daemon's life, released when it exits.
+
+    The operating system drops the lock when the process dies, even by SIGKILL, so a pid file
+    left behind by a dead daemon is stale and is taken over with a message.
+
+    Example:
+        >>> with PidLock(Path("svc/daemon.pid")):  # doctest: +SKIP
+        ...     serve()
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = FileLock(str(path))
+
+    def acquire(self) -> None:
+        """Take the lock and write this process's pid.
+
+        Raises:
+            UsageError: When another live daemon holds it, naming its pid.
+        """
+        previous = read_pid(self.path)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            who = f"pid {previous}" if previous is not None else "another process"
+            raise UsageError(f"a daemon is already running on {self.path.parent} ({who} holds "
+                             f"{self.path.name}); stop it with `gearshift daemon stop "
+                             f"{self.path.parent}`") from None
+        if previous is not None and previous != os.getpid():
+            state = "still exists but does not hold the lock" if pid_running(previous) else \
+                "is gone"
+            print(f"taking over a stale {self.path.name}: pid {previous} {state}",
+                  file=sys.stderr)
+        with open(self.path, "r+", encoding="ascii") as fh:  # the lock keeps the inode
+            fh.truncate(0)
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def release(self) -> None:
+        """Empty the pid file and drop the lock."""
+        try:
+            with open(self.path, "r+", encoding="ascii") as fh:
+                fh.truncate(0)
+        except OSError:
+            pass
+        self._lock.release()
+
+    def __enter__(self) -> PidLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holder(path: Path) -> int | None:
+    """The pid of the daemon holding ``path`` now, or None when no daemon holds it."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return read_pid(path) or -1
+    lock.release()
+    return None
