@@ -53,7 +53,8 @@ class PidLock:
         """
         previous = read_pid(self.path)
         try:
-            self._lock.acquire(timeout=0)
+            # A short wait: `status` or `stop` may be probing the lock at this very instant.
+            self._lock.acquire(timeout=1.0)
         except Timeout:
             who = f"pid {previous}" if previous is not None else "another process"
             raise UsageError(f"a daemon is already running on {self.path.parent} ({who} holds "
@@ -89,10 +90,29 @@ class PidLock:
 
 def holder(path: Path) -> int | None:
     """The pid of the daemon holding ``path`` now, or None when no daemon holds it."""
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return read_pid(path) or -1
-    lock.release()
-    return None
+    with held_unless_running(path) as running:
+        return running
+
+
+class held_unless_running:  # noqa: N801 (a context manager used like a function)
+    """Hold the lock for the ``with`` block when no daemon does (so none can start meanwhile);
+    the block gets None, or the running daemon's pid (-1 when it has not written it yet)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = FileLock(str(path))
+        self._held = False
+
+    def __enter__(self) -> int | None:
+        if not self.path.exists():
+            return None
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return read_pid(self.path) or -1
+        self._held = True
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            self._lock.release()
