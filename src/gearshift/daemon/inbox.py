@@ -49,7 +49,7 @@ class Inbox:
         self.folder = folder
         self.settle_seconds = settle_seconds
         self.clock = clock
-        self._seen: dict[str, tuple[Seen, float]] = {}  # name -> (stat, when it was first seen so)
+        self._seen: dict[str, Seen] = {}  # name -> its stat at the previous scan
 
     def candidates(self) -> list[Path]:
         """Every file that may be taken once settled, oldest (mtime, then name) first."""
@@ -66,7 +66,11 @@ class Inbox:
         return [p for _, _, p in sorted(out)]
 
     def ready(self) -> list[Path]:
-        """The settled candidates, oldest first; the others are remembered for the next scan."""
+        """The settled candidates, oldest first.
+
+        Settled: unchanged (size and mtime) since the previous scan, and last modified at least
+        ``settle_seconds`` ago.
+        """
         now = self.clock()
         out, seen = [], {}
         for path in self.candidates():
@@ -76,20 +80,18 @@ class Inbox:
                 continue
             current = Seen(st.st_size, st.st_mtime_ns)
             previous = self._seen.get(path.name)
-            since = previous[1] if previous is not None and previous[0] == current else now
-            seen[path.name] = (current, since)
-            quiet_for = min(now - st.st_mtime_ns / 1e9, now - since if previous else
-                            float("inf"))
-            if quiet_for >= self.settle_seconds:
+            seen[path.name] = current
+            if previous not in (None, current):
+                continue  # changed since the last scan: still being written
+            if now - st.st_mtime_ns / 1e9 >= self.settle_seconds:
                 out.append(path)
         self._seen = seen
         return out
 
     def next_settle_in(self) -> float | None:
-        """Seconds until the earliest remembered unsettled file could settle (None: none)."""
+        """Seconds until the earliest unsettled file seen could settle (None: none)."""
         now = self.clock()
-        waits = [self.settle_seconds - (now - max(s.mtime_ns / 1e9, since))
-                 for s, since in self._seen.values()]
+        waits = [self.settle_seconds - (now - s.mtime_ns / 1e9) for s in self._seen.values()]
         waits = [w for w in waits if w > 0]
         return min(waits) if waits else None
 
