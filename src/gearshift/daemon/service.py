@@ -106,12 +106,12 @@ class Daemon:
             self.status = StatusFile(p.status, self.settings.status_every_seconds)
             self.status.update(state="idle", pid=os.getpid(), started_at=now_iso(),
                                current_file=None, last_error=None, write=False)
+            self.inbox = Inbox(p.inbox, self.settings.settle_seconds)
             self._model_facts(current)
             self._counts()
             self.status.write()
             self.status.start()
             p.stop_file.unlink(missing_ok=True)
-            self.inbox = Inbox(p.inbox, self.settings.settle_seconds)
             self.wakeup = Wakeup(p.inbox, self.settings.watch, LOG.warning)
             previous = {s: signal.signal(s, self._on_signal)
                         for s in (signal.SIGINT, signal.SIGTERM)}
@@ -398,7 +398,7 @@ class Daemon:
         self.status.update(
             files_done=sum(1 for _ in p.done.glob(f"*{RESULT_SUFFIX}")),
             files_failed=sum(1 for _ in p.failed.glob(f"*{ERROR_SUFFIX}")),
-            queue_length=len(self.inbox.candidates()) if hasattr(self, "inbox") else None)
+            queue_length=len(self.inbox.candidates()))
 
     # ------------------------------------------------------------------ the log
 
