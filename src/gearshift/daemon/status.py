@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
