@@ -10,9 +10,10 @@ each, dropped oldest first):
 
 1. **reference**: ``python -m gearshift daemon run REF --drain`` once, uninterrupted (timed:
    files per hour).
-2. **chaos**: ``python -m gearshift daemon run CHAOS --drain`` in a subprocess, SIGKILLed after a
-   uniform random ``--min-life`` .. ``--max-life`` seconds, again and again, until ``--kills``
-   kills have landed; then one last launch runs to the end. After each kill the harness notes
+2. **chaos**: ``python -m gearshift daemon run CHAOS --drain`` in a subprocess, SIGKILLed a
+   uniform random 0 .. ``--max-life`` seconds after it is up (holds ``daemon.pid``), or for a
+   ``--startup-share`` of the kills 0 .. ``--startup-window`` seconds after launch, again and
+   again, until ``--kills`` kills have landed; then one last launch runs to the end. After each kill the harness notes
    where it landed (the stage from the file's job record and leftovers: a ``.tmp-*`` snapshot
    folder means mid-snapshot-write) and checks that ``current_model`` verifies (sha256 of every
    file against the snapshot manifest) and is a valid model directory (a "corrupt snapshot
@@ -98,6 +99,18 @@ def launch(base: Path) -> subprocess.Popen[bytes]:
                             start_new_session=True)
 
 
+def is_up(base: Path, proc: subprocess.Popen[bytes]) -> bool:
+    from gearshift.daemon.lock import read_pid
+
+    return read_pid(base / "daemon.pid") == proc.pid
+
+
+def up(base: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until the daemon holds its lock (imports and checks done)."""
+    while not is_up(base, proc) and proc.poll() is None:
+        time.sleep(0.02)
+
+
 def where(base: Path) -> str:
     """Where a kill landed, from what the daemon left behind."""
     from gearshift.daemon import DaemonPaths
@@ -153,8 +166,12 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=8, help="files in the queue")
     ap.add_argument("--lines", type=int, default=32, help="conversations per file")
     ap.add_argument("--kills", type=int, default=24, help="SIGKILLs to land (>= 20)")
-    ap.add_argument("--min-life", type=float, default=4.0, help="shortest daemon life, s")
-    ap.add_argument("--max-life", type=float, default=14.0, help="longest daemon life, s")
+    ap.add_argument("--max-life", type=float, default=8.0,
+                    help="a kill lands a uniform 0..MAX_LIFE s after the daemon is up")
+    ap.add_argument("--startup-share", type=float, default=0.15,
+                    help="share of kills aimed at the start-up instead (0..STARTUP_WINDOW s "
+                         "after launch)")
+    ap.add_argument("--startup-window", type=float, default=6.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
@@ -177,7 +194,10 @@ def main() -> None:
         if kills >= args.kills:
             code = proc.wait()
             break
-        life = rng.uniform(args.min_life, args.max_life)
+        at_startup = rng.random() < args.startup_share
+        if not at_startup:
+            up(chaos, proc)
+        life = rng.uniform(0.0, args.startup_window if at_startup else args.max_life)
         try:
             code = proc.wait(timeout=life)
             break  # finished the queue before the kill: done
@@ -185,7 +205,7 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         kills += 1
-        landed[where(chaos)] += 1
+        landed["start-up" if at_startup and not is_up(chaos, proc) else where(chaos)] += 1
         corrupt += not current_ok(chaos)
     chaos_seconds = time.monotonic() - t0
     if code != 0:

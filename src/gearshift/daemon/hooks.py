@@ -106,6 +106,7 @@ class DaemonHooks(Callback):
             self._shrink(trainer, step_peak)
         if not self._stop_sent and self.should_stop():
             self._stop_sent = True
+            self.status.update(state="stopping", write=True)
             # The loop's own graceful stop: finish this step, checkpoint, raise.
             os.kill(os.getpid(), signal.SIGTERM)
 

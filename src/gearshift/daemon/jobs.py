@@ -1,7 +1,8 @@
 """The record of one file's trip through the daemon: ``runs/<name>/daemon_job.json``.
 
 It is written when the file is taken and at every stage after (``training`` → ``trained`` →
-``switched`` → ``done``, or ``failed``), so a restarted daemon knows where each file in
+``switched`` → ``done``, or ``training`` → ``failed`` → ``done``: ``done`` means the file has
+left ``processing/``), so a restarted daemon knows where each file in
 ``processing/`` stands: still training (resume its run), trained (write the snapshot, switch,
 move to ``done/``) or switched (only the move is left). A file is never trained twice.
 """
@@ -79,8 +80,7 @@ def find_open_job(paths: DaemonPaths, file: Path) -> Job | None:
     """The unfinished job of the file in ``processing/`` (same name and content), if any."""
     digest = sha256_file(file)
     open_jobs = [j for j in all_jobs(paths)
-                 if j.file == file.name and j.sha256 == digest and j.stage not in
-                 ("done", "failed")]
+                 if j.file == file.name and j.sha256 == digest and j.stage != "done"]
     return open_jobs[-1] if open_jobs else None
 
 

@@ -102,47 +102,52 @@ class Daemon:
         self.settings = self.cfg.daemon
         with PidLock(p.pid):
             self._open_log()
-            current = self._check_current_model()
-            self.status = StatusFile(p.status, self.settings.status_every_seconds)
-            self.status.update(state="idle", pid=os.getpid(), started_at=now_iso(),
-                               current_file=None, last_error=None, write=False)
-            self.inbox = Inbox(p.inbox, self.settings.settle_seconds)
-            self._model_facts(current)
-            self._counts()
-            self.status.write()
-            self.status.start()
-            p.stop_file.unlink(missing_ok=True)
-            self.wakeup = Wakeup(p.inbox, self.settings.watch, LOG.warning)
-            previous = {s: signal.signal(s, self._on_signal)
-                        for s in (signal.SIGINT, signal.SIGTERM)}
-            LOG.info("daemon up (pid %d) on %s; inbox watched by %s; current model %s",
-                     os.getpid(), p.base, self.wakeup.mode, current.name)
             try:
-                self._recover()
-                self._serve()
-            except TrainingInterrupted:
-                LOG.info("stopped while training; the file stays in processing/ and resumes "
-                         "from its checkpoint at the next start")
-            except GearshiftError as exc:
-                self.status.update(state="error", last_error=str(exc))
-                LOG.error("%s", exc)
-                raise
-            except BaseException as exc:
-                self.status.update(state="error", last_error=f"{type(exc).__name__}: {exc}")
-                LOG.exception("daemon failed; nothing is lost: the file being trained stays "
-                              "in processing/ and resumes at the next start")
-                raise
+                self._serve_locked()
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-                self.wakeup.close()
-                self.status.close()
-                if self.status.fields["state"] != "error":
-                    self.status.update(state="stopped", current_file=None)
-                p.stop_file.unlink(missing_ok=True)
-                LOG.info("daemon down")
                 self._close_log()
         return 0
+
+    def _serve_locked(self) -> None:
+        p = self.paths
+        current = self._check_current_model()
+        self.status = StatusFile(p.status, self.settings.status_every_seconds)
+        self.status.update(state="idle", pid=os.getpid(), started_at=now_iso(),
+                           current_file=None, last_error=None, write=False)
+        self.inbox = Inbox(p.inbox, self.settings.settle_seconds)
+        self._model_facts(current)
+        self._counts()
+        self.status.write()
+        self.status.start()
+        p.stop_file.unlink(missing_ok=True)
+        self.wakeup = Wakeup(p.inbox, self.settings.watch, LOG.warning)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        LOG.info("daemon up (pid %d) on %s; inbox watched by %s; current model %s",
+                 os.getpid(), p.base, self.wakeup.mode, current.name)
+        try:
+            self._recover()
+            self._serve()
+        except TrainingInterrupted:
+            LOG.info("stopped while training; the file stays in processing/ and resumes from "
+                     "its checkpoint at the next start")
+        except GearshiftError as exc:
+            self.status.update(state="error", last_error=str(exc))
+            LOG.error("%s", exc)
+            raise
+        except BaseException as exc:
+            self.status.update(state="error", last_error=f"{type(exc).__name__}: {exc}")
+            LOG.exception("daemon failed; nothing is lost: the file being trained stays in "
+                          "processing/ and resumes at the next start")
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.wakeup.close()
+            self.status.close()
+            if self.status.fields["state"] != "error":
+                self.status.update(state="stopped", current_file=None)
+            p.stop_file.unlink(missing_ok=True)
+            LOG.info("daemon down")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         LOG.info("%s received: stopping after the current step", signal.Signals(signum).name)
@@ -335,6 +340,7 @@ class Daemon:
         error = dict(job.result.get("error") or {})
         write_json_atomic(p.failed / (job.final_name + ERROR_SUFFIX), error)
         durable_rename(file, p.failed / job.final_name)
+        job.advance(p, "done")  # the file has left processing/
         self._counts()
         self.status.update(state="idle", current_file=None, last_error=error.get("reason"),
                            write=True)
