@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -182,7 +181,7 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         if found is None:
             raise UsageError(f"no status yet in {paths.status}: the daemon has never run")
-        print(json.dumps(found, indent=2, sort_keys=True))
+        print(paths.status.read_text(encoding="utf-8"), end="")  # as it is
         return 0
     alive = holder(paths.pid) is not None
     if found is None:

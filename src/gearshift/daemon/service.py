@@ -276,13 +276,15 @@ class Daemon:
         from gearshift.run import train
 
         run_dir = job.run_dir(self.paths)
-        resume = run_dir if rundir.latest_checkpoint(run_dir) is not None else None
+        valid = _newest_valid_checkpoint(run_dir)
+        resume = run_dir if valid is not None else None
         if resume is None:
-            for entry in run_dir.iterdir():  # a start killed before its first checkpoint
+            # Killed before its first checkpoint (or every one is damaged): start it afresh.
+            for entry in run_dir.iterdir():
                 if entry.name != JOB_FILE:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         else:
-            LOG.info("resuming run %s from %s", job.name, rundir.latest_checkpoint(run_dir))
+            LOG.info("resuming run %s from %s", job.name, valid)
         hooks = DaemonHooks(self.status, self.memory, self._stopping,
                             self.settings.max_memory_mb, LOG.warning)
         try:
@@ -425,6 +427,15 @@ class Daemon:
         for h in self._handlers:
             LOG.removeHandler(h)
             h.close()
+
+
+def _newest_valid_checkpoint(run_dir: Path) -> Path | None:
+    from gearshift.checkpoint import verify_checkpoint
+
+    for entry in reversed(rundir.list_checkpoints(run_dir)):
+        if not verify_checkpoint(entry.path):
+            return entry.path
+    return None
 
 
 def request_stop(paths: DaemonPaths, pid: int | None) -> None:

@@ -32,6 +32,7 @@ model:
     max_position_embeddings: 256
 data:
   source: jsonl
+  paths: [inbox/FILE.jsonl]       # replaced: each file's run reads that file
   messages_field: messages
   seq_len: 256
   eval_fraction: 0.1
