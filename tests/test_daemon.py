@@ -308,3 +308,41 @@ def test_init_writes_a_daemon_config_with_gradient_checkpointing(tmp_path: Path,
         assert folder.is_dir()
     assert validate_model_dir(paths.current_model).kind == "full"
     assert f"current model: snapshot {list_snapshots(paths)[0].name}" in out
+
+
+def test_init_from_a_model_directory_and_the_status_of_a_killed_daemon(tmp_path: Path,
+                                                                       cli: Any) -> None:
+    from gearshift.daemon.status import FIELDS, StatusFile, describe
+
+    first = init_base(tmp_path, cli)
+    model = tmp_path / "my-model"
+    source = list_snapshots(first)[0]
+    model.mkdir()
+    for f in source.iterdir():
+        if f.name != "snapshot.json":
+            (model / f.name).write_bytes(f.read_bytes())
+    config = tmp_path / "svc.yaml"
+    code, out, err = cli("daemon", "init", str(tmp_path / "second"), "--model", str(model),
+                         "--config", str(config))
+    assert code == 0, err
+    second = DaemonPaths(tmp_path / "second")
+    snap = list_snapshots(second)[0]
+    manifest = read_json(snap / "snapshot.json")
+    assert manifest["model_name"] == "my-model" and manifest["kind"] == "full"
+    assert manifest["files"]["model.safetensors"]["sha256"] == \
+        read_json(source / "snapshot.json")["files"]["model.safetensors"]["sha256"]
+
+    status = StatusFile(second.status, every_seconds=60)
+    status.update(state="training", pid=12345, current_file="a.jsonl", current_step=3,
+                  total_steps=10, loss=1.5, learning_rate=1e-3, eta_seconds=75, files_done=2,
+                  files_failed=1, queue_length=4, model_kind="adapter")
+    written = read_json(second.status)
+    assert set(written) == set(FIELDS) and written["state"] == "training"
+    with pytest.raises(KeyError, match="unknown status fields"):
+        status.update(steps=3)
+    text = describe(written, alive=False)
+    assert "training (but no daemon holds the pid lock: it was killed" in text
+    assert "a.jsonl (step 3/10, loss 1.5000, lr 1.00e-03, eta 1m15s)" in text
+    assert "2 done, 1 failed, 4 waiting" in text
+    code, out, _ = cli("daemon", "status", str(second.base))
+    assert code == 0 and "it was killed" in out and f"{snap.name} (current)" in out

@@ -130,6 +130,9 @@ class Daemon:
         except TrainingInterrupted:
             LOG.info("stopped while training; the file stays in processing/ and resumes from "
                      "its checkpoint at the next start")
+        except KeyboardInterrupt:
+            LOG.info("aborted (a second Ctrl-C); the file resumes from its newest checkpoint")
+            raise
         except GearshiftError as exc:
             self.status.update(state="error", last_error=str(exc))
             LOG.error("%s", exc)
