@@ -119,7 +119,7 @@ def start(args: argparse.Namespace) -> int:
 
     paths = DaemonPaths(args.base)
     paths.require()
-    load_daemon_config(paths)  # a bad config is reported here, not in the log
+    load_daemon_config(paths.config)  # a bad config is reported here, not in the log
     running = holder(paths.pid)
     if running is not None:
         raise UsageError(f"a daemon is already running on {paths.base} (pid {running})")
@@ -160,7 +160,7 @@ def stop(args: argparse.Namespace) -> int:
         print(f"daemon {pid} killed; the file in processing/ resumes from its newest "
               "checkpoint at the next start")
         return 0
-    request_stop(paths, pid)
+    request_stop(paths.stop_file, pid)
     print(f"asked daemon {pid} to stop (finishing the step, checkpointing)…", flush=True)
     if not _wait_released(paths, args.timeout):
         raise UsageError(f"daemon {pid} has not stopped within {args.timeout:g}s; wait longer "

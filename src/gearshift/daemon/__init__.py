@@ -13,8 +13,9 @@ Example:
 """
 
 from gearshift.daemon.layout import DaemonPaths
-from gearshift.daemon.service import Daemon, load_daemon_config, request_stop
-from gearshift.daemon.setup import DEFAULT_CONFIG, init_daemon
+from gearshift.daemon.lock import request_stop
+from gearshift.daemon.service import Daemon
+from gearshift.daemon.setup import DEFAULT_CONFIG, init_daemon, load_daemon_config
 from gearshift.daemon.snapshots import list_snapshots, rollback, verify_snapshot
 from gearshift.daemon.status import read_status
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -116,3 +117,16 @@ class held_unless_running:  # noqa: N801 (a context manager used like a function
     def __exit__(self, *exc: object) -> None:
         if self._held:
             self._lock.release()
+
+
+def request_stop(stop_file: Path, pid: int | None) -> None:
+    """Ask the daemon to stop gracefully: the stop file (read between steps and while idle)
+    and, where signals exist, SIGTERM."""
+    stop_file.parent.mkdir(parents=True, exist_ok=True)
+    stop_file.touch()
+    if pid is not None and pid > 0 and hasattr(signal, "SIGTERM"):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -20,11 +19,11 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from gearshift import rundir
-from gearshift.config import Config, load_config
+from gearshift.config import load_config
 from gearshift.daemon import snapshots
+from gearshift.daemon.datafile import check_file, error_record
 from gearshift.daemon.hooks import DaemonHooks, PeakMemory
 from gearshift.daemon.inbox import Inbox, Wakeup, is_ignored
 from gearshift.daemon.jobs import JOB_FILE, Job, all_jobs, final_name, find_open_job, new_name
@@ -36,36 +35,14 @@ from gearshift.daemon.layout import (
     write_json_atomic,
 )
 from gearshift.daemon.lock import PidLock
+from gearshift.daemon.setup import load_daemon_config
 from gearshift.daemon.status import StatusFile, now_iso
-from gearshift.errors import ConfigError, DataError, GearshiftError, ModelError, Problem
+from gearshift.errors import DataError, GearshiftError, ModelError
 from gearshift.models import validate_model_dir
 from gearshift.train import TrainingInterrupted
 from gearshift.train.interrupt import TrainingDiverged
 
 LOG = logging.getLogger("gearshift.daemon")
-#: A bad line in a DataError message: ``<path>:<line>: <reason>``.
-_WHERE = re.compile(r"(?P<path>[^\s:][^:]*):(?P<line>\d+): ")
-
-
-#: ``data.paths`` while validating ``daemon.yaml``: each file's run gets the file itself.
-PLACEHOLDER = {"data.paths": ["inbox/FILE.jsonl"]}
-
-
-def load_daemon_config(paths: DaemonPaths) -> Config:
-    """``daemon.yaml``, validated, with the daemon's own requirements.
-
-    Raises:
-        ConfigError: Naming every problem (a normal config problem, or one the daemon adds).
-    """
-    cfg = load_config(paths.config, PLACEHOLDER)
-    problems = []
-    if cfg.data.source != "jsonl":
-        problems.append(Problem("data.source", f"the daemon trains on the JSONL files dropped "
-                                f"into {paths.inbox}; set data.source: jsonl, not "
-                                f"{cfg.data.source!r}"))
-    if problems:
-        raise ConfigError(problems, source=str(paths.config))
-    return cfg
 
 
 class Daemon:
@@ -98,7 +75,7 @@ class Daemon:
         """
         p = self.paths
         p.require()
-        self.cfg = load_daemon_config(p)
+        self.cfg = load_daemon_config(p.config)
         self.settings = self.cfg.daemon
         with PidLock(p.pid):
             self._open_log()
@@ -242,38 +219,19 @@ class Daemon:
                            write=True)
         try:
             if job.stage == "training":
-                self._check_data(file, job)
+                check_file(file, load_config(job.config), self.settings.min_examples)
                 self._train(job)
             if job.stage == "trained":
                 self._publish(job)
         except (DataError, TrainingDiverged, ModelError) as exc:
             if isinstance(exc, ModelError) and job.stage == "training":
                 raise  # the current model cannot be loaded: not the file's fault
-            job.advance(self.paths, "failed", error=self._error(file, job, exc))
+            job.advance(self.paths, "failed", error=error_record(
+                file, job.final_name, exc, job.run_dir(self.paths)))
         if job.stage == "switched":
             self._finish(file, job)
         elif job.stage == "failed":
             self._reject(file, job)
-
-    def _check_data(self, file: Path, job: Job) -> None:
-        """Reject a file that is empty, not JSONL, has bad lines (per ``data.on_error``) or too
-        few examples, before any training."""
-        cfg = load_config(job.config)
-        d = cfg.data
-        if cfg.task == "sft":
-            from gearshift.data.chat import load_conversations
-
-            n = len(load_conversations([file], messages_field=d.messages_field,
-                                       on_error=d.on_error).conversations)
-        else:
-            from gearshift.data import load_corpus
-
-            n = len(load_corpus("jsonl", [str(file)], text_field=d.text_field,
-                                messages_field=d.messages_field,
-                                on_error=d.on_error).documents)
-        if n < self.settings.min_examples:
-            raise DataError(f"{file}: {n} usable example{'s' if n != 1 else ''}, fewer than "
-                            f"daemon.min_examples={self.settings.min_examples}")
 
     def _train(self, job: Job) -> None:
         from gearshift.run import train
@@ -351,18 +309,6 @@ class Daemon:
                            write=True)
         LOG.warning("failed: %s: %s", job.final_name, error.get("reason"))
 
-    def _error(self, file: Path, job: Job, exc: Exception) -> dict[str, Any]:
-        text = str(exc).replace(str(file.resolve()), file.name).replace(str(file), file.name)
-        line = None
-        for m in _WHERE.finditer(text):
-            if Path(m.group("path")).name == file.name:
-                line = int(m.group("line"))
-                break
-        return {"file": job.final_name, "reason": text, "line": line,
-                "location": f"{job.final_name}:{line}" if line else job.final_name,
-                "kind": type(exc).__name__, "run": str(job.run_dir(self.paths)),
-                "time": now_iso()}
-
     def _pause(self, stage: str, job: Job) -> None:
         delay = self.settings.stage_delay_s.get(stage, 0.0)
         if delay:
@@ -439,16 +385,3 @@ def _newest_valid_checkpoint(run_dir: Path) -> Path | None:
         if not verify_checkpoint(entry.path):
             return entry.path
     return None
-
-
-def request_stop(paths: DaemonPaths, pid: int | None) -> None:
-    """Ask the daemon to stop gracefully: the stop file (read between steps and while idle)
-    and, where signals exist, SIGTERM."""
-    paths.stop_file.parent.mkdir(parents=True, exist_ok=True)
-    paths.stop_file.touch()
-    if pid is not None and pid > 0 and hasattr(signal, "SIGTERM"):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-

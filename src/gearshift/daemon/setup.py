@@ -7,10 +7,9 @@ import shutil
 import time
 from pathlib import Path
 
-from gearshift.config import load_config
+from gearshift.config import Config, load_config
 from gearshift.daemon import snapshots
 from gearshift.daemon.layout import DaemonPaths
-from gearshift.daemon.service import PLACEHOLDER
 from gearshift.errors import ConfigError, Problem, UsageError
 from gearshift.models import is_adapter_dir, require_model_dir
 
@@ -72,6 +71,24 @@ daemon:
 """
 
 
+#: ``data.paths`` while validating ``daemon.yaml``: each file's run gets the file itself.
+PLACEHOLDER = {"data.paths": ["inbox/FILE.jsonl"]}
+
+
+def load_daemon_config(path: str | Path) -> Config:
+    """A daemon config (``daemon.yaml``), validated, with the daemon's own requirements.
+
+    Raises:
+        ConfigError: Naming every problem (a normal config problem, or one the daemon adds).
+    """
+    cfg = load_config(path, PLACEHOLDER)
+    if cfg.data.source != "jsonl":
+        raise ConfigError([Problem("data.source", "the daemon trains on the JSONL files "
+                                   "dropped into its inbox; set data.source: jsonl, not "
+                                   f"{cfg.data.source!r}")], source=str(path))
+    return cfg
+
+
 def init_daemon(base: str | Path, model: str | Path | None = None,
                 config: str | Path | None = None) -> DaemonPaths:
     """Create the daemon layout in ``base``, its ``daemon.yaml`` and the initial snapshot.
@@ -93,14 +110,10 @@ def init_daemon(base: str | Path, model: str | Path | None = None,
                          "another directory, or start it with `gearshift daemon start "
                          f"{paths.base}`")
     if config is not None:
-        cfg = load_config(config, PLACEHOLDER)  # a missing or bad file: a ConfigError
+        cfg = load_daemon_config(config)  # a missing or bad file: a ConfigError naming it
         text = Path(config).read_text(encoding="utf-8")
     else:
         cfg, text = load_config(_parse(DEFAULT_CONFIG), PLACEHOLDER), DEFAULT_CONFIG
-    if cfg.data.source != "jsonl":
-        raise ConfigError([Problem("data.source", "the daemon trains on the JSONL files "
-                                   f"dropped into its inbox; set data.source: jsonl, not "
-                                   f"{cfg.data.source!r}")], source=str(config))
     if model is not None:
         require_model_dir(model)
     paths.create()
