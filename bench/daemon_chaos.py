@@ -14,8 +14,9 @@ each, dropped oldest first):
    uniform random 0 .. ``--max-life`` seconds after it is up (holds ``daemon.pid``), or for a
    ``--startup-share`` of the kills 0 .. ``--startup-window`` seconds after launch, again and
    again, until ``--kills`` kills have landed; then one last launch runs to the end. After each kill the harness notes
-   where it landed (the stage from the file's job record and leftovers: a ``.tmp-*`` snapshot
-   folder means mid-snapshot-write) and checks that ``current_model`` verifies (sha256 of every
+   where it landed (from the file's job record and what the launch left: a ``.tmp-*`` snapshot
+   folder it wrote means mid-snapshot-write; a run without checkpoints means set-up or before
+   the first checkpoint) and checks that ``current_model`` verifies (sha256 of every
    file against the snapshot manifest) and is a valid model directory (a "corrupt snapshot
    loaded" otherwise: the next daemon would start from it).
 
@@ -63,8 +64,8 @@ CONFIG: dict[str, Any] = {
     "logging": {"progress_bar": False, "tensorboard": False},
     "daemon": {"settle_seconds": 0, "poll_seconds": 0.2, "status_every_seconds": 1,
                "keep_snapshots": 100,
-               "stage_delay_s": {"train_end": 0.3, "snapshot_file": 0.1, "switch": 0.3,
-                                 "done": 0.3}},
+               "stage_delay_s": {"train_end": 1.0, "snapshot_file": 0.3, "switch": 1.0,
+                                 "done": 1.0}},
 }
 
 
@@ -111,12 +112,12 @@ def up(base: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.02)
 
 
-def where(base: Path) -> str:
-    """Where a kill landed, from what the daemon left behind."""
+def where(base: Path, since: float) -> str:
+    """Where a kill landed, from what the daemon launched at ``since`` left behind."""
     from gearshift.daemon import DaemonPaths
     from gearshift.daemon.jobs import all_jobs
 
-    if list((base / "snapshots").glob(".tmp-*")):
+    if any(p.stat().st_mtime >= since for p in (base / "snapshots").glob(".tmp-*")):
         return "snapshot write"
     processing = [p.name for p in (base / "processing").iterdir()]
     if not processing:
@@ -124,9 +125,13 @@ def where(base: Path) -> str:
     jobs = [j for j in all_jobs(DaemonPaths(base)) if j.file == processing[0] and j.stage not in ("done", "failed")]
     if not jobs:
         return "taking a file"
-    stage = jobs[-1].stage
-    return {"training": "training (or start-up)", "trained": "after training, before snapshot",
-            "switched": "after switch, before done/"}.get(stage, stage)
+    job = jobs[-1]
+    if job.stage == "training":
+        checkpoints = list((job.run_dir(DaemonPaths(base)) / "checkpoints").glob("step-*"))
+        return "training, after a checkpoint" if checkpoints else \
+            "run set-up / before its first checkpoint"
+    return {"trained": "after training, before snapshot",
+            "switched": "after switch, before done/"}.get(job.stage, job.stage)
 
 
 def current_ok(base: Path) -> bool:
@@ -163,10 +168,10 @@ def events(run: Path, kind: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--files", type=int, default=8, help="files in the queue")
+    ap.add_argument("--files", type=int, default=14, help="files in the queue")
     ap.add_argument("--lines", type=int, default=32, help="conversations per file")
     ap.add_argument("--kills", type=int, default=24, help="SIGKILLs to land (>= 20)")
-    ap.add_argument("--max-life", type=float, default=8.0,
+    ap.add_argument("--max-life", type=float, default=15.0,
                     help="a kill lands a uniform 0..MAX_LIFE s after the daemon is up")
     ap.add_argument("--startup-share", type=float, default=0.15,
                     help="share of kills aimed at the start-up instead (0..STARTUP_WINDOW s "
@@ -189,6 +194,7 @@ def main() -> None:
     kills, landed, corrupt, launches = 0, Counter(), 0, 0
     t0 = time.monotonic()
     while True:
+        launched_at = time.time()
         proc = launch(chaos)
         launches += 1
         if kills >= args.kills:
@@ -205,9 +211,12 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         kills += 1
-        landed["start-up" if at_startup and not is_up(chaos, proc) else where(chaos)] += 1
+        landed["start-up" if at_startup and not is_up(chaos, proc) else where(chaos, launched_at)] += 1
         corrupt += not current_ok(chaos)
     chaos_seconds = time.monotonic() - t0
+    if kills < args.kills:
+        print(f"note: the queue was done after {kills} kills; use more --files for "
+              f"{args.kills}")
     if code != 0:
         sys.exit(f"the last launch failed with code {code}; see {chaos}/logs/daemon.log")
 
