@@ -128,8 +128,8 @@ def where(base: Path, since: float) -> str:
     job = jobs[-1]
     if job.stage == "training":
         checkpoints = list((job.run_dir(DaemonPaths(base)) / "checkpoints").glob("step-*"))
-        return "training, after a checkpoint" if checkpoints else \
-            "run set-up / before its first checkpoint"
+        # With a checkpoint, the launch was resuming the run (set-up) or training on from it.
+        return "run with a checkpoint" if checkpoints else "run before its first checkpoint"
     return {"trained": "after training, before snapshot",
             "switched": "after switch, before done/"}.get(job.stage, job.stage)
 
@@ -245,7 +245,8 @@ def main() -> None:
     print(f"kills:                         {kills}")
     for stage, n in landed.most_common():
         print(f"  landed {stage + ':':31s}{n}")
-    print(f"resumes from a checkpoint:     {resumes}")
+    print(f"resumes from a checkpoint:     {resumes}   (launches that got through set-up "
+          "and continued a run)")
     print(f"files lost:                    {len(dropped - done)}   (goal 0)")
     print(f"files trained twice:           {len(twice)}   (goal 0)")
     print(f"final-model mismatches:        {mismatches + (not final_same)}   (goal 0; per-file "
