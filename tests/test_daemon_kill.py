@@ -1,7 +1,8 @@
 """SIGKILL the daemon (a real subprocess) while it trains, while it writes a snapshot, between
 the snapshot and the switch, and before the move to ``done/``; start it again each time. Every
 file is trained exactly once and the final model is bit-identical to an uninterrupted daemon's.
-Also: ``daemon start`` / ``stop`` / a second daemon refused / continuing from the checkpoint.
+Also: ``daemon start`` / ``stop`` / a second daemon refused / continuing from the checkpoint, and
+a run whose checkpoints are all damaged starting again instead of loading one.
 """
 
 from __future__ import annotations
@@ -192,3 +193,28 @@ def test_start_status_stop_and_continue_from_the_checkpoint(tmp_path: Path, cli:
     assert result["steps"] == 9 and result["resumes"] == 1
     code, out, _ = cli("daemon", "stop", str(paths.base))
     assert code == 0 and "no daemon is running" in out
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_starts_again(tmp_path: Path,
+                                                              cli: Any) -> None:
+    paths = init_base(tmp_path, cli, **SLOW)
+    drop(paths, "w.jsonl", 24, age=5)
+    proc = spawn(paths)
+    wait_for("w's step-2 checkpoint", lambda: any(
+        paths.runs.glob("*-w/checkpoints/step-00000002")), proc, paths)
+    kill(proc)
+    run_dir = run_of(paths, "w.jsonl")
+    damaged = []
+    for weights in (run_dir / "checkpoints").glob("step-*/*.safetensors"):
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        damaged.append(weights)
+    assert damaged
+
+    code, _, err = cli("daemon", "run", str(paths.base), "--drain")
+    assert code == 0, err
+    assert events(run_dir, "resume") == [] and len(events(run_dir, "start")) == 1
+    result = read_json(paths.done / "w.jsonl.result.json")
+    assert result["steps"] == 6 and result["resumes"] == 0
+    assert validate_model_dir(paths.current_model).ok
