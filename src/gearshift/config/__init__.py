@@ -15,6 +15,7 @@ from gearshift.config.loader import (
 from gearshift.config.schema import (
     CheckpointConfig,
     Config,
+    DaemonConfig,
     DataConfig,
     EvalConfig,
     GenerateConfig,
@@ -35,6 +36,7 @@ from gearshift.config.schema import (
 __all__ = [
     "CheckpointConfig",
     "Config",
+    "DaemonConfig",
     "DataConfig",
     "EvalConfig",
     "GenerateConfig",

@@ -342,6 +342,43 @@ class ReportConfig(Section):
                           "`gearshift train` or `gearshift resume` ends")
 
 
+class DaemonConfig(Section):
+    """The training daemon (``gearshift daemon``): inbox watching, snapshots, status."""
+
+    settle_seconds: float = Field(2.0, ge=0.0, description="an inbox file is taken only once "
+                                  "its size and mtime have not changed for this long")
+    poll_seconds: float = Field(1.0, gt=0.0, description="how often the inbox is scanned "
+                                "(besides the watchdog events, and alone where none arrive)")
+    watch: bool = Field(True, description="use the watchdog package for inbox events (the "
+                        "polling fallback always runs)")
+    keep_snapshots: int = Field(5, ge=1, description="snapshots kept (newest); the current "
+                                "model's and any adapter base still used are always kept")
+    status_every_seconds: float = Field(5.0, gt=0.0, description="rewrite "
+                                        "status/training_status.json at least this often")
+    min_examples: int = Field(2, ge=1, description="a file with fewer usable examples goes to "
+                              "failed/")
+    max_memory_mb: float | None = Field(None, gt=0, description="when a step's peak memory "
+                                        "exceeds this, halve the micro-batch for the next steps "
+                                        "(as after an out-of-memory error); null = no limit")
+    model_name: str | None = Field(None, description="{model_name} of the profile and the "
+                                   "status's model_display_name; null = the initial model's "
+                                   "directory name")
+    stage_delay_s: dict[str, float] = Field(
+        default_factory=dict, description="fault drill: sleep this long at a stage (train_end, "
+        "snapshot_file, switch, done) so that a kill can land there; empty = off")
+
+    @field_validator("stage_delay_s")
+    @classmethod
+    def _known_stages(cls, value: dict[str, float]) -> dict[str, float]:
+        stages = ("train_end", "snapshot_file", "switch", "done")
+        for name, seconds in value.items():
+            if name not in stages:
+                raise ValueError(f"unknown stage {name!r}; valid stages: {', '.join(stages)}")
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ValueError(f"{name}: the delay must be >= 0 seconds, got {seconds}")
+        return value
+
+
 class Config(Section):
     """The whole run configuration.
 
@@ -370,6 +407,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     phases: dict[str, Any] | None = Field(
         None, description="the phase controller (gearshift's schema or the LoRA-trainer "
         "schema); see the README section 'Adaptive phases'")
