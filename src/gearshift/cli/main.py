@@ -16,6 +16,7 @@ from gearshift.cli import (
     checkpoint,
     compare,
     config,
+    launch,
     model,
     profile,
     quantize,
@@ -27,7 +28,8 @@ from gearshift.errors import GearshiftError
 
 # Verb name -> module with ``add_parser(sub)`` and ``run(args) -> int``, in the order of --help.
 VERBS: dict[str, ModuleType] = {m.NAME: m for m in (train, resume, report, compare, config,
-                                                     checkpoint, model, profile, quantize)}
+                                                     checkpoint, model, profile, quantize,
+                                                     launch)}
 
 
 def build_parser() -> argparse.ArgumentParser:
