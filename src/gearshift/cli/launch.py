@@ -107,6 +107,8 @@ def accelerate_args(options: list[str]) -> list[str]:
     several = (parsed.num_processes or 1) > 1 or (parsed.num_machines or 1) > 1
     if several and not any(flag in out for flag in LAUNCHERS):
         out.insert(0, "--multi_gpu")
+    if "--num_machines" not in out:
+        out += ["--num_machines", "1"]
     if "--mixed_precision" not in out:
         out += ["--mixed_precision", "no"]
     if "--dynamo_backend" not in out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,8 @@ def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) 
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # several processes (gearshift launch): the first one reports
     m = result.metrics
     print(f"run directory: {result.run_dir}")
     print(f"steps: {result.step}")
