@@ -56,6 +56,9 @@ class FsdpStrategy(Strategy):
         self.sharded = False
         self._twin: nn.Module | None = None
 
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "sharded": self.sharded}
+
     def accelerator_kwargs(self) -> dict[str, Any]:
         return {"fsdp_plugin": self.plugin}
 

@@ -40,6 +40,10 @@ class Strategy:
         """Finish setting up a freshly made Accelerator (nothing to do for DDP)."""
         return accelerator
 
+    def describe(self) -> dict[str, Any]:
+        """For the run's ``start`` event: the strategy and whether the model is sharded."""
+        return {"strategy": self.name, "sharded": False}
+
     def prepare(self, accelerator: Accelerator, model: nn.Module,
                 optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
         """``accelerator.prepare`` of the model and optimizer."""

@@ -178,7 +178,8 @@ class Trainer:
                                   skipped_corrupt=resumed[1], notes=resumed[2])
         else:
             self.logger.log_event(0, "start", total_steps=total_steps,
-                                  steps_per_epoch=self.stream.steps_per_epoch)
+                                  steps_per_epoch=self.stream.steps_per_epoch,
+                                  processes=acc.num_processes, **self.strategy.describe())
 
     def _open_run_dir(self) -> None:
         if self._run_dir_arg is None and self.resume_from is not None:
