@@ -71,7 +71,10 @@ def _fresh_run_dir(value: str | None, *, resumed: bool) -> Path | None:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--run-dir {path} is a file; give a directory")
-    if not resumed and RunPaths(path).config.exists():
+    # Under `gearshift launch` the first process checks: the others may start after it wrote
+    # the run's config.yaml.
+    first = int(os.environ.get("RANK", "0")) == 0
+    if not resumed and first and RunPaths(path).config.exists():
         raise UsageError(f"--run-dir {path} already holds a run; continue it with `gearshift "
                          f"resume {path}`, or give an empty or new directory")
     return path
