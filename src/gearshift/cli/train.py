@@ -31,6 +31,7 @@ examples:
   gearshift train my.yaml --resume auto             # continue the newest run of this name
   gearshift train my.yaml --run-dir runs/exp1        # this directory, not runs/<name>-<time>
   gearshift train my.yaml --set report.enabled=false # no RUN_DIR/report/ at the end
+  gearshift launch --num_processes 4 -- train my.yaml # 4 processes (see gearshift launch -h)
 """
 
 
