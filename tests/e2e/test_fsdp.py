@@ -103,11 +103,16 @@ def test_fsdp_trains_as_ddp_and_checkpoints_whole(make_config, tmp_path: Path) -
 def test_lora_under_fsdp_exports_an_adapter(make_config, tmp_path: Path) -> None:
     cfg = make_config(training={"max_steps": 4, "eval_every": None, "log_every": 1},
                       checkpoint={"every": 4}, report={"enabled": False},
-                      lora={"enabled": True, "r": 4, "alpha": 8},
-                      distributed={"strategy": "fsdp"})
+                      lora={"enabled": True, "r": 4, "alpha": 8})
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    # The other FSDP options too: SHARD_GRAD_OP and FSDP's activation checkpointing.
+    cfg["distributed"] = {"strategy": "fsdp", "fsdp": {"reshard_after_forward": False,
+                                                       "activation_checkpointing": True}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    launch(tmp_path / "ddp.yaml", "ddp", tmp_path)
     launch(tmp_path / "cfg.yaml", "lora", tmp_path)
     run = tmp_path / "lora"
+    assert losses(run) == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
     stored = load_file(str(run / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert stored and all("lora_" in name for name in stored)  # only the adapters trained
     from peft import PeftModel

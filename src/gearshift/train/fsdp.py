@@ -33,6 +33,8 @@ from torch.optim import Optimizer
 from gearshift.errors import ConfigError, Problem
 from gearshift.train.strategy import Strategy
 
+#: What FSDP's activation checkpointing inserts into parameter names (not state-dict names).
+CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 #: Gathered to the main process, in host memory (the other ranks get nothing).
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -86,7 +88,9 @@ class FsdpStrategy(Strategy):
         full = get_model_state_dict(model, options=GATHER)
         if isinstance(weights, nn.Module):
             return full
-        return {name: full[name] for name in weights if name in full}
+        # Parameter names may carry the activation-checkpointing wrapper; state-dict names never.
+        names = {name.replace(CHECKPOINT_WRAPPER, "") for name in weights}
+        return {name: tensor for name, tensor in full.items() if name in names}
 
     def optimizer_for_save(self, model: nn.Module, optimizer: Optimizer) -> Any:
         # By parameter name, whatever the number of processes: the layout of every FSDP
