@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ examples:
   gearshift train my.yaml --resume auto             # continue the newest run of this name
   gearshift train my.yaml --run-dir runs/exp1        # this directory, not runs/<name>-<time>
   gearshift train my.yaml --set report.enabled=false # no RUN_DIR/report/ at the end
+  gearshift launch --num_processes 4 -- train my.yaml # 4 processes (see gearshift launch -h)
 """
 
 
@@ -70,7 +72,10 @@ def _fresh_run_dir(value: str | None, *, resumed: bool) -> Path | None:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--run-dir {path} is a file; give a directory")
-    if not resumed and RunPaths(path).config.exists():
+    # Under `gearshift launch` the first process checks: the others may start after it wrote
+    # the run's config.yaml.
+    first = int(os.environ.get("RANK", "0")) == 0
+    if not resumed and first and RunPaths(path).config.exists():
         raise UsageError(f"--run-dir {path} already holds a run; continue it with `gearshift "
                          f"resume {path}`, or give an empty or new directory")
     return path
@@ -89,6 +94,8 @@ def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) 
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # several processes (gearshift launch): the first one reports
     m = result.metrics
     print(f"run directory: {result.run_dir}")
     print(f"steps: {result.step}")

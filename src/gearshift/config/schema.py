@@ -379,6 +379,32 @@ class DaemonConfig(Section):
         return value
 
 
+class FsdpConfig(Section):
+    """Fully sharded data parallel (FSDP2 through Accelerate): what is sharded and how."""
+
+    reshard_after_forward: bool = Field(
+        True, description="free each block's gathered weights after its forward (FULL_SHARD, "
+        "least memory); false keeps them until backward (SHARD_GRAD_OP, less communication)")
+    wrap: list[str] | None = Field(
+        None, description="transformer block class names sharded as units, e.g. "
+        "[LlamaDecoderLayer]; null = the model's own _no_split_modules")
+    cpu_offload: bool = Field(False, description="keep parameters and optimizer state in CPU "
+                              "memory between uses (GPU only)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each wrapped block's activations in backward (FSDP's "
+        "own activation checkpointing)")
+
+
+class DistributedConfig(Section):
+    """How several processes share the work (launch them with `gearshift launch`)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp = every process holds the whole model and gradients are "
+        "averaged; fsdp = parameters, gradients and optimizer state are sharded over the "
+        "processes (checkpoints sharded too). DeepSpeed: an Accelerate config file")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+
+
 class Config(Section):
     """The whole run configuration.
 
@@ -408,6 +434,7 @@ class Config(Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     phases: dict[str, Any] | None = Field(
         None, description="the phase controller (gearshift's schema or the LoRA-trainer "
         "schema); see the README section 'Adaptive phases'")

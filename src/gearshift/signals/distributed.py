@@ -24,7 +24,8 @@ def _reduce_device(accelerator: Any | None) -> torch.device:
     return torch.device("cpu")
 
 
-def reduce_signal(value: float | None, accelerator: Any | None = None) -> float | None:
+def reduce_signal(value: float | None, accelerator: Any | None = None,
+                  weight: float = 1.0) -> float | None:
     """Average a per-rank float over every rank of the default process group.
 
     Ranks holding ``None`` (no loss this step, no stability yet) are left out of the mean, and
@@ -38,6 +39,8 @@ def reduce_signal(value: float | None, accelerator: Any | None = None) -> float 
         value: This rank's value (a Python float, a 0-d tensor or ``None``).
         accelerator: An ``accelerate.Accelerator`` (or anything with a ``.device``) choosing the
             device the reduction runs on; ``None`` picks CUDA for NCCL and CPU otherwise.
+        weight: This rank's weight in the mean (e.g. the gradient elements a rank of a sharded
+            model compared: the weighted mean of the shards' fractions is the whole model's).
 
     Returns:
         The cross-rank mean, or ``None``.
@@ -54,7 +57,7 @@ def reduce_signal(value: float | None, accelerator: Any | None = None) -> float 
     # A NaN stays visible as NaN on every rank rather than being averaged away.
     nan = value is not None and math.isnan(value)
     packed = torch.tensor(
-        [value if present else 0.0, 1.0 if present else 0.0, 1.0 if nan else 0.0],
+        [value * weight if present else 0.0, weight if present else 0.0, 1.0 if nan else 0.0],
         dtype=torch.float64,
         device=_reduce_device(accelerator),
     )

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gearshift.errors import CheckpointError
 
@@ -39,6 +40,11 @@ def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     what DDP's bucketing uses); mixed dtypes promote as in ``torch.cat``.
     """
     return _flatten_dense_tensors(tensors)
+
+
+def _local(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """This process's shard of a sharded (FSDP ``DTensor``) gradient; any other as it is."""
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def _count_equal(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -155,6 +161,7 @@ class GradientSignTracker:
         self.num_updates = 0  # calls to update()
         self.num_measured = 0  # calls that returned a value
         self.last_value: float | None = None
+        self.last_compared = 0
 
     @property
     def keys(self) -> list[str]:
@@ -185,10 +192,10 @@ class GradientSignTracker:
         counts: dict[torch.device, list[torch.Tensor]] = {}  # agreeing elements, on the device
         compared = 0
         padding = 0  # elements counted as agreeing that stand for absent gradients
-        loose = [(i, g) for i, p in self._loose if (g := p.grad) is not None]
+        loose = [(i, g) for i, p in self._loose if (g := _local(p.grad)) is not None]
         broken: list[_Pack] = []
         for pack in self._packs:
-            got = [p.grad for p in pack.params]
+            got = [_local(p.grad) for p in pack.params]
             if not any(map(operator.is_not, got, _NONES)):
                 continue  # no member has a gradient this step
             gathered = self._gather(pack, got)
@@ -228,6 +235,9 @@ class GradientSignTracker:
                     i for i, view in zip(pack.members, pack.views, strict=True) if signs[i] is view
                 )
             self._repack(fresh, broken)
+        # Elements compared by this process: with a sharded model each process compares its own
+        # shard, and the cross-rank value is the mean weighted by these counts.
+        self.last_compared = compared
         if compared == 0:
             self.last_value = None
             return None
@@ -357,9 +367,18 @@ class GradientSignTracker:
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """The stored signs as contiguous CPU ``int8`` tensors keyed by parameter key.
 
-        The tensors are copies, ready for ``safetensors.torch.save_file``.
+        The tensors are copies, ready for ``safetensors.torch.save_file``. The signs of a sharded
+        (FSDP) parameter are gathered whole: a collective call then, made by every rank.
         """
-        return {k: s.detach().to("cpu", copy=True).contiguous() for k, s in self._stored()}
+        out = {}
+        for key, signs in self._stored():
+            param = self._params[self._keys.index(key)]
+            if isinstance(param, DTensor):
+                signs = DTensor.from_local(signs.reshape(param.to_local().shape),
+                                           param.device_mesh, param.placements,
+                                           shape=param.shape, stride=param.stride()).full_tensor()
+            out[key] = signs.detach().to("cpu", copy=True).contiguous()
+        return out
 
     def load_state(self, json_state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         """Restore the state written by :meth:`json_state` and :meth:`tensor_state`.
@@ -399,7 +418,10 @@ class GradientSignTracker:
                 raise CheckpointError(
                     f"gradient sign tracker signs of {key!r} hold values other than -1, 0 and +1"
                 )
-            signs[index[key]] = tensor.to(param.device).reshape(param.shape).clone()
+            full = tensor.to(param.device).reshape(param.shape)
+            if isinstance(param, DTensor):  # keep this process's shard of the whole signs
+                full = distribute_tensor(full, param.device_mesh, param.placements).to_local()
+            signs[index[key]] = full.clone()
         self._signs = signs
         self._unpack()  # packed again by the next update
         self.num_updates = int(json_state.get("num_updates", 0))

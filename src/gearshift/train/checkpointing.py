@@ -24,12 +24,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from gearshift.checkpoint import CheckpointManager, PendingSave
-from gearshift.config.schema import CheckpointConfig
+from gearshift.config.schema import CheckpointConfig, DistributedConfig
 from gearshift.errors import CheckpointError
 from gearshift.rundir import RunPaths
 from gearshift.train.logger import RunLogger
 from gearshift.train.memory import process_peak_mb
 from gearshift.train.state import TrainState
+from gearshift.train.strategy import Strategy
 from gearshift.transforms import TransformChain
 
 # safetensors reports I/O failures (disk full, permission denied) with its own error type.
@@ -65,8 +66,13 @@ class Checkpoints:
     on_commit: Callable[[Path], None] | None = None
     #: Sleeps after each file the writer writes (``faults.checkpoint_write_delay_s``).
     write_delay_s: float = 0.0
+    #: How the weights and optimizer state of the prepared model are read and written back
+    #: (``distributed.strategy``; default: as they are, data parallel).
+    strategy: Strategy | None = None
 
     def __post_init__(self) -> None:
+        if self.strategy is None:
+            self.strategy = Strategy(DistributedConfig())
         hook = None
         if self.write_delay_s > 0:
             def hook(path: Path) -> None:
@@ -96,12 +102,17 @@ class Checkpoints:
         self._decide_mode()
         acc.wait_for_everyone()
         failure: list[str | None] = [None]
+        # Every rank takes part: a sharded model's state is gathered to the main process.
+        strategy = self.strategy
+        weights = strategy.model_state(self.model, self.transforms.checkpoint_weights(self.model))
+        optimizer = strategy.optimizer_for_save(self.model, self.optimizer)
+        tensors = self.state.tensors()
         if acc.is_main_process:
             try:
                 result = self.manager.save(
-                    step, model=self.transforms.checkpoint_weights(self.model),
-                    optimizer=self.optimizer, trainer_state=self.state.state_dict(),
-                    extra_tensors=self.state.tensors() or None, asynchronous=self.asynchronous)
+                    step, model=weights, optimizer=optimizer,
+                    trainer_state=self.state.state_dict(),
+                    extra_tensors=tensors or None, asynchronous=self.asynchronous)
             except STORAGE_ERRORS as exc:
                 failure = [self.storage_failure(f"checkpoint of step {step}", exc)]
             else:
@@ -219,8 +230,11 @@ class Checkpoints:
         skipped: list[str] = []
         for path in reversed(manager.list_checkpoints()):
             try:
-                loaded = manager.load(path, model=self.model, optimizer=self.optimizer,
-                                      strict=self.transforms.strict)
+                strategy = self.strategy
+                loaded = manager.load(
+                    path, model=strategy.model_for_load(self.model),
+                    optimizer=strategy.optimizer_for_load(self.model, self.optimizer),
+                    strict=self.transforms.strict)
                 notes = self.state.load_state_dict(loaded.trainer_state, loaded.tensors)
             except CheckpointError as exc:
                 skipped.append(f"{path.name}: {exc}")
@@ -246,11 +260,13 @@ class Checkpoints:
         return path, skipped, notes
 
     def export_final(self, directory: Path, tokenizer: Any) -> Path | None:
-        """Write ``final/`` (main process only) as the transforms export it."""
-        if not self.accelerator.is_main_process:
+        """Write ``final/`` (main process only) as the transforms export it (every rank calls
+        it: a sharded model is gathered first)."""
+        model = self.strategy.export_model(self.model, self.accelerator.is_main_process)
+        if not self.accelerator.is_main_process or model is None:
             return None
         try:
-            return self.transforms.export(self.model, directory, tokenizer=tokenizer)
+            return self.transforms.export(model, directory, tokenizer=tokenizer)
         except STORAGE_ERRORS as exc:
             failure = self.storage_failure("final model export", exc)
             if failure is not None:

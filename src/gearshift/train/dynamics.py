@@ -89,7 +89,10 @@ class PhaseDriver:
         """Gradient-sign agreement of this step (call between backward and zero_grad)."""
         if self.tracker is None:
             return None
-        return reduce_signal(self.tracker.update(), accelerator)
+        value = self.tracker.update()
+        # Weighted by the elements each rank compared: equal under DDP (every rank holds every
+        # gradient), each rank's own shard under FSDP.
+        return reduce_signal(value, accelerator, weight=float(self.tracker.last_compared))
 
     def update(self, step: int, loss: float | None, stability: float | None) -> bool:
         """Feed one optimizer step; on a transition apply, record and print it."""

@@ -16,22 +16,26 @@ from torch import nn
 from gearshift.config import Config
 from gearshift.errors import ConfigError, Problem
 from gearshift.signals import LossNotFoundWarning, resolve_loss
+from gearshift.train.strategy import Strategy
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def make_accelerator(precision: str) -> Accelerator:
-    """An Accelerator for this precision; replaces one left by an earlier run in this process."""
+def make_accelerator(precision: str, strategy: Strategy | None = None) -> Accelerator:
+    """An Accelerator for this precision and distributed strategy; replaces one left by an
+    earlier run in this process."""
     # Without a GPU, a multi-process launch (torchrun / accelerate launch) must ask Accelerate
     # for CPU explicitly, or every process silently trains alone on the same data.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    extra = strategy.accelerator_kwargs() if strategy is not None else {}
     try:
-        return Accelerator(mixed_precision=PRECISION[precision], cpu=cpu)
+        acc = Accelerator(mixed_precision=PRECISION[precision], cpu=cpu, **extra)
     except ValueError:
         # Accelerate keeps one global state per process; a second run with another precision
         # (tests, notebooks, pipelines) has to reset it first.
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=PRECISION[precision], cpu=cpu)
+        acc = Accelerator(mixed_precision=PRECISION[precision], cpu=cpu, **extra)
+    return strategy.adopt(acc) if strategy is not None else acc
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:

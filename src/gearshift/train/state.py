@@ -153,7 +153,7 @@ class TrainState:
         notes = ["from the checkpoint: weights, optimizer, step, data position, RNG, schedule "
                  "position; from the config: run length, cadences, logging"]
         self.step = int(state["step"])
-        self.stream.position.load_state_dict(state["position"])
+        self.stream.position.load_state_dict(state["position"], self.stream.global_batch)
         if state["seed"] != self.seed:
             notes.append(f"seed {state['seed']} from the checkpoint wins over {self.seed} "
                          "in the config (data order must not change mid-run)")

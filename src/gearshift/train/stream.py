@@ -1,8 +1,10 @@
 """The training data stream: seeded per-epoch order, accumulation windows, an exact position.
 
-The position is two integers — the epoch and how many micro-batches of it were consumed — and
-the order of epoch ``e`` is a pure function of ``(seed, e)``. Restoring the two integers
-therefore resumes mid-epoch exactly, without replaying or storing the data.
+The position is the epoch and how many samples of it were consumed over all processes (with the
+micro-batches counted too), and the order of epoch ``e`` is a pure function of ``(seed, e)``.
+Restoring the position therefore resumes mid-epoch exactly, without replaying or storing the data
+— also with another number of processes: the sample offset is global, so a run checkpointed by N
+processes and resumed by M skips no sample and sees none twice in the epoch.
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ from gearshift.errors import DataError
 class DataPosition:
     epoch: int = 0
     micro_batch: int = 0  # micro-batches of `epoch` already consumed
+    sample: int = 0  # samples of `epoch` already consumed, over all processes
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "micro_batch": self.micro_batch}
+        return {"epoch": self.epoch, "micro_batch": self.micro_batch, "sample": self.sample}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], global_batch: int | None = None) -> None:
+        """Restore; a position saved before ``sample`` existed counts ``global_batch`` samples
+        per micro-batch (its run's processes and batch size were the same)."""
         self.epoch = int(state["epoch"])
         self.micro_batch = int(state["micro_batch"])
+        if "sample" in state:
+            self.sample = int(state["sample"])
+        else:
+            self.sample = self.micro_batch * (global_batch or 0)
 
 
 class BatchStream:
@@ -61,7 +70,7 @@ class BatchStream:
         self.position = DataPosition()
         self._order: torch.Tensor | None = None
         self._order_epoch = -1
-        global_batch = batch_size * world_size
+        self.global_batch = global_batch = batch_size * world_size
         n = len(dataset)
         self.batches_per_epoch = n // global_batch if drop_last else math.ceil(n / global_batch)
         if self.batches_per_epoch == 0:
@@ -69,6 +78,12 @@ class BatchStream:
                 f"the training data holds {n} samples, fewer than one batch of {global_batch}; "
                 "lower training.batch_size or add data"
             )
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples each epoch feeds the model (a short last batch dropped with ``drop_last``)."""
+        n = len(self.dataset)
+        return self.batches_per_epoch * self.global_batch if self.drop_last else n
 
     @property
     def steps_per_epoch(self) -> int:
@@ -89,17 +104,21 @@ class BatchStream:
     def next_window(self) -> tuple[list[Any], bool]:
         """The next accumulation window and whether it ended the epoch (position advances)."""
         order = self._epoch_order(self.position.epoch)
-        global_batch = self.batch_size * self.world_size
+        end = self.samples_per_epoch
         window = []
-        while len(window) < self.accumulate and self.position.micro_batch < self.batches_per_epoch:
-            start = self.position.micro_batch * global_batch
-            chunk = order[start : start + global_batch]
+        # The offset is in samples, not micro-batches: a position saved by another number of
+        # processes need not fall on a boundary of this run's global batches.
+        while len(window) < self.accumulate and self.position.sample < end:
+            start = self.position.sample
+            chunk = order[start : min(start + self.global_batch, end)]
             per_rank = math.ceil(len(chunk) / self.world_size)
             mine = chunk[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
             window.append(self.collate_fn([self.dataset[i] for i in mine]))
             self.position.micro_batch += 1
-        ended = self.position.micro_batch >= self.batches_per_epoch
+            self.position.sample += len(chunk)
+        ended = self.position.sample >= end
         if ended:
             self.position.epoch += 1
             self.position.micro_batch = 0
+            self.position.sample = 0
         return window, ended

@@ -36,6 +36,7 @@ from gearshift.train.memory import (
 )
 from gearshift.train.recovery import Recovery
 from gearshift.train.state import TrainState
+from gearshift.train.strategy import build_strategy
 from gearshift.train.stream import BatchStream
 from gearshift.train.task import LossFnTask, Task
 from gearshift.transforms import TransformChain, build_transforms
@@ -116,13 +117,14 @@ class Trainer:
     def _setup(self) -> None:
         cfg, t = self.config, self.config.training
         set_seed(cfg.seed)
-        self.accelerator = acc = setup.make_accelerator(t.precision)
+        self.strategy = build_strategy(cfg.distributed)
+        self.accelerator = acc = setup.make_accelerator(t.precision, self.strategy)
         self.is_main = acc.is_main_process
         self.model = self.transforms.apply(self.model)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         optimizer = setup.build_optimizer(self.model, cfg)
-        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.model, self.optimizer = self.strategy.prepare(acc, self.model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.stream = BatchStream(self.train_data, batch_size=t.batch_size,
@@ -158,7 +160,8 @@ class Trainer:
         self._open_run_dir()
         self.ckpt = Checkpoints(RunPaths(self.run_dir).checkpoints, cfg.checkpoint, self.state,
                                 acc, self.raw_model, self.optimizer, self.transforms,
-                                self._print, write_delay_s=cfg.faults.checkpoint_write_delay_s)
+                                self._print, write_delay_s=cfg.faults.checkpoint_write_delay_s,
+                                strategy=self.strategy)
         self.ckpt.on_commit = lambda path: self.callbacks.fire("on_checkpoint", self, path)
         resumed = self.ckpt.resume(self.resume_from) if self.resume_from is not None else None
         lg = cfg.logging
@@ -175,7 +178,8 @@ class Trainer:
                                   skipped_corrupt=resumed[1], notes=resumed[2])
         else:
             self.logger.log_event(0, "start", total_steps=total_steps,
-                                  steps_per_epoch=self.stream.steps_per_epoch)
+                                  steps_per_epoch=self.stream.steps_per_epoch,
+                                  processes=acc.num_processes, **self.strategy.describe())
 
     def _open_run_dir(self) -> None:
         if self._run_dir_arg is None and self.resume_from is not None:
