@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,6 +73,7 @@ def write_snapshot(source: Path, snapshots: Path, name: str, *, info: dict[str, 
         after_file()
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "name": name, "kind": report.kind,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_ns": time.time_ns(),  # the order of snapshots made within one second
                 "files": files, **info}
     write_json_atomic(tmp / MANIFEST, manifest)
     for folder in sorted({p.parent for p in (tmp / f for f in files)} | {tmp}):
@@ -121,11 +123,19 @@ def verify_snapshot(snapshot: Path) -> list[str]:
 
 
 def list_snapshots(paths: DaemonPaths) -> list[Path]:
-    """The snapshots, oldest first (their names start with the time)."""
+    """The snapshots, oldest first: by the time of writing in their manifest (names start with
+    the time to the second only, and several can be made within one second), else the folder's
+    mtime."""
     if not paths.snapshots.is_dir():
         return []
-    return sorted(p for p in paths.snapshots.iterdir()
-                  if p.is_dir() and not p.name.startswith("."))
+
+    def written(p: Path) -> tuple[int, str]:
+        manifest = read_manifest(p) or {}
+        ns = manifest.get("created_ns")
+        return (ns if isinstance(ns, int) else p.stat().st_mtime_ns, p.name)
+
+    return sorted((p for p in paths.snapshots.iterdir()
+                   if p.is_dir() and not p.name.startswith(".")), key=written)
 
 
 def current_snapshot(paths: DaemonPaths) -> Path | None:
