@@ -328,3 +328,20 @@ def test_a_run_stopped_by_the_nan_guard_reads_as_diverged(make_config) -> None:
     md = (run / "report" / "summary.md").read_text()
     assert "- status: diverged (stopped by the NaN / out-of-memory guard)" in md
     assert "| rollback |" in md and "| diverged |" in md
+
+
+def test_a_run_rolled_back_after_non_finite_steps_still_counts_as_diverged(
+        make_config) -> None:
+    # three NaN steps in a row at step 6: rolled back to step 4 at half the LR, then finished
+    cfg = make_config(training={"max_steps": 10, "eval_every": 4, "log_every": 1},
+                      checkpoint={"every": 4}, faults={"nan_at_steps": [6] * 3},
+                      recovery={"max_consecutive_nonfinite": 3, "max_rollbacks": 1})
+    result = gs.train(cfg)
+    assert result.step == 10
+    data = load_run(result.run_dir)
+    assert len(data.events_of("nonfinite_skip")) == 3 and len(data.events_of("rollback")) == 1
+    assert data.status.state == "finished"
+    assert all(math.isfinite(v) for _, v in data.series("loss"))
+    assert data.diverged
+    out = run_outcome(data, "eval/loss", maximize=False, collapse_tolerance=0.1)
+    assert out["diverged"] and out["state"] == "finished"
