@@ -328,3 +328,58 @@ def test_a_run_stopped_by_the_nan_guard_reads_as_diverged(make_config) -> None:
     md = (run / "report" / "summary.md").read_text()
     assert "- status: diverged (stopped by the NaN / out-of-memory guard)" in md
     assert "| rollback |" in md and "| diverged |" in md
+
+
+def test_a_run_rolled_back_after_non_finite_steps_still_counts_as_diverged(
+        make_config) -> None:
+    # three NaN steps in a row at step 6: rolled back to step 4 at half the LR, then finished
+    cfg = make_config(training={"max_steps": 10, "eval_every": 4, "log_every": 1},
+                      checkpoint={"every": 4}, faults={"nan_at_steps": [6] * 3},
+                      recovery={"max_consecutive_nonfinite": 3, "max_rollbacks": 1})
+    result = gs.train(cfg)
+    assert result.step == 10
+    data = load_run(result.run_dir)
+    assert len(data.events_of("nonfinite_skip")) == 3 and len(data.events_of("rollback")) == 1
+    assert data.status.state == "finished"
+    assert all(math.isfinite(v) for _, v in data.series("loss"))
+    assert data.diverged
+    out = run_outcome(data, "eval/loss", maximize=False, collapse_tolerance=0.1)
+    assert out["diverged"] and out["state"] == "finished"
+
+
+def test_report_is_written_when_a_cli_run_stops_early_and_after_resume(
+        make_config, cli, tmp_path) -> None:
+    import yaml
+
+    from gearshift.cli.report_hook import ReportOnEnd
+    from gearshift.cli.train import report_run
+    from gearshift.run import train
+
+    # Ctrl-C at step 5: the path `gearshift train` and `gearshift resume` take
+    cfg = make_config(training={"max_steps": 8, "eval_every": 4, "log_every": 1},
+                      checkpoint={"every": 4})
+    hook = ReportOnEnd()
+    code = report_run(lambda: train(cfg, callbacks=[hook, InterruptAt(5)],
+                                    run_dir=tmp_path / "stopped"), hook)
+    summary = tmp_path / "stopped" / "report" / "summary.md"
+    assert code == 128 + signal.SIGINT and hook.summary == summary
+    assert "- status: interrupted" in summary.read_text()
+    code, out, err = cli("resume", str(tmp_path / "stopped"))
+    assert code == 0, err
+    assert f"report: {summary}" in out
+    md = summary.read_text()
+    assert "- status: finished" in md and "| resume |" in md
+
+    # the NaN guard stops the run (exit 3): the report says it diverged
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(make_config(
+        training={"max_steps": 8, "eval_every": 4}, checkpoint={"enabled": False},
+        faults={"nan_at_steps": [3] * 3}, recovery={"max_consecutive_nonfinite": 3})))
+    code, out, err = cli("train", str(path), "--run-dir", str(tmp_path / "nan"))
+    summary = tmp_path / "nan" / "report" / "summary.md"
+    assert code == 3 and f"report: {summary}" in err and "Traceback" not in err
+    assert "- status: diverged" in summary.read_text()
+    # report.enabled: false is obeyed on a stop too
+    code, out, err = cli("train", str(path), "--run-dir", str(tmp_path / "quiet"),
+                         "--set", "report.enabled=false")
+    assert code == 3 and not (tmp_path / "quiet" / "report").exists()

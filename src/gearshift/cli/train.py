@@ -84,6 +84,8 @@ def _fresh_run_dir(value: str | None, *, resumed: bool) -> Path | None:
 def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) -> int:
     """Run ``start`` and print the run directory, steps, eval loss, final model and report.
 
+    A run that stops early (Ctrl-C / SIGTERM, the NaN guard, an error) gets its report too.
+
     Returns:
         0, or the exit code of a graceful stop (``128 + signal``).
     """
@@ -93,7 +95,11 @@ def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) 
         result = start()
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
+        _report_after_stop(hook)
         return exc.exit_code
+    except Exception:
+        _report_after_stop(hook)
+        raise
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # several processes (gearshift launch): the first one reports
     m = result.metrics
@@ -112,3 +118,9 @@ def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) 
     if hook is not None and hook.summary is not None:
         print(f"report: {hook.summary}")
     return 0
+
+
+def _report_after_stop(hook: ReportOnEnd | None) -> None:
+    summary = hook.write() if hook is not None else None
+    if summary is not None:
+        print(f"report: {summary}", file=sys.stderr)

@@ -19,6 +19,9 @@ from gearshift.errors import ConfigError, RunDirError
 #: Events drawn on the loss curve (recoveries, rollbacks, resumes, stops).
 MARKED_EVENTS = ("oom_recovery", "oom_skip", "nonfinite_skip", "rollback", "lr_reduced",
                  "resume", "interrupted", "diverged", "fp16_overflow_skip")
+#: Events that say a step's loss or gradient was non-finite (fp16 overflow skips are the loss
+#: scaler's normal search, not a divergence).
+NONFINITE_EVENTS = ("nonfinite_skip", "rollback")
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,13 @@ class RunData:
 
     @property
     def diverged(self) -> bool:
-        """A non-finite loss or eval metric was logged, or the NaN / OOM guard stopped the run."""
-        if self.status.state == "diverged":
+        """A non-finite loss or eval metric was logged or skipped, or the NaN / OOM guard
+        stopped the run.
+
+        A run whose non-finite steps were skipped (``nonfinite_skip``) or rolled back and that
+        then trained on to its end counts too: its loss went non-finite all the same.
+        """
+        if self.status.state == "diverged" or self.events_of(*NONFINITE_EVENTS):
             return True
         return any(v is not None and not math.isfinite(v)
                    for r in self.metrics for k in r.values
