@@ -128,6 +128,7 @@ class ReinforceTask(SftTask):
         # Of the step being computed (reset before every attempt, committed after the update).
         self._attempt: dict[str, Any] = {}
         self.step_skipped: list[str] = []  # reward errors of the last update (for the event)
+        self.recent_groups: list[dict[str, Any]] = []  # sampled at the last update
         self.start_attempt()
 
     # ------------------------------------------------------------------ build
@@ -216,7 +217,7 @@ class ReinforceTask(SftTask):
         logp = logp_all.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
         mask = rollout.mask * valid.unsqueeze(-1)
         n_tokens = mask.sum().clamp(min=1.0)
-        advantages, raw_std = self._advantages(rewards, valid, mask, values)
+        advantages, raw_std, returns = self._advantages(rewards, valid, mask, values)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         per_token = -advantages * logp - self.entropy_coefficient * entropy
         metrics: dict[str, float] = {
@@ -228,8 +229,8 @@ class ReinforceTask(SftTask):
             kl = self._kl(logp, rollout)
             per_token = per_token + rl.kl_coefficient * kl
             metrics["rl/kl"] = float((kl.detach() * mask).sum() / n_tokens)
-        if values is not None:
-            value_loss = (values - self._returns) ** 2
+        if values is not None and returns is not None:
+            value_loss = (values - returns) ** 2
             per_token = per_token + rl.value_loss_coefficient * value_loss
             metrics["rl/value_loss"] = float((value_loss.detach() * mask).sum() / n_tokens)
         loss = (per_token * mask).sum() / n_tokens
@@ -281,9 +282,10 @@ class ReinforceTask(SftTask):
                            prompt.reference)
 
     def _advantages(self, rewards: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
-                    values: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-        """Per-token advantages ``[answers, tokens]`` (detached) and their std before
-        normalisation."""
+                    values: torch.Tensor | None,
+                    ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """Per-token advantages ``[answers, tokens]`` (detached), their std before
+        normalisation, and the value head's targets (None without one)."""
         rl = self.rl
         ok = valid.reshape(rewards.shape)
         if values is not None:
@@ -293,9 +295,10 @@ class ReinforceTask(SftTask):
             adv, returns = generalized_advantage_estimation(
                 token_rewards, values.detach(), mask, gamma=rl.gamma,
                 lam=rl.gae_lambda if rl.use_gae else 1.0)
-            self._returns = returns
-            return _normalised(adv, mask.bool(), rl.normalize_advantages)
-        if rl.baseline == "leave_one_out":
+            return (*_normalised(adv, mask.bool(), rl.normalize_advantages), returns)
+        if rl.baseline == "leave_one_out" and bool(ok.all()):
+            base = leave_one_out_baseline(rewards)
+        elif rl.baseline == "leave_one_out":  # some answers dropped: the others that remain
             n_ok = ok.sum(-1, keepdim=True)
             others = ((rewards * ok).sum(-1, keepdim=True) - rewards) / (n_ok - 1).clamp(min=1)
             base = torch.where(n_ok > 1, others, rewards)  # alone: nothing to compare with
@@ -307,7 +310,7 @@ class ReinforceTask(SftTask):
             base = torch.zeros_like(rewards)
         adv, std = _normalised((rewards - base).reshape(-1), valid.bool(),
                                rl.normalize_advantages)
-        return adv.unsqueeze(-1).expand_as(mask), std
+        return adv.unsqueeze(-1).expand_as(mask), std, None
 
     def _kl(self, logp: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         ref = self.reference
@@ -362,7 +365,7 @@ class ReinforceTask(SftTask):
         self.samples = [{"kind": "validation", "prompt": p.question, "completion": a,
                          "reference": p.reference, "reward": r}
                         for p, a, r in list(zip(prompts, answers, rewards, strict=True))[:keep]]
-        self.samples += getattr(self, "recent_groups", [])
+        self.samples += self.recent_groups
         return {"eval/reward": sum(rewards) / len(rewards),
                 "eval/exact_match": sum(exact) / len(exact)}
 

@@ -48,9 +48,11 @@ def sample_rollout(policy: nn.Module, tokenizer: Any, prompts: Sequence[list[int
     without gradients (the caller computes log-probabilities with gradients afterwards)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
+    # top_k=0: no top-k cut (None would fall back to the model default of 50), so the answers
+    # come from softmax(logits / temperature), the policy whose log-probabilities are trained.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True,
                               temperature=temperature, top_p=top_p if top_p < 1.0 else None,
-                              top_k=None, use_cache=True, pad_token_id=pad, eos_token_id=eos,
+                              top_k=0, use_cache=True, pad_token_id=pad, eos_token_id=eos,
                               remove_invalid_values=True)
     device = next(policy.parameters()).device
     ids, attention = _left_pad([list(p) for p in prompts], pad)
