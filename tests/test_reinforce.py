@@ -442,3 +442,92 @@ def test_cli_continues_an_sft_final_with_and_without_lora(tmp_path: Path, cli) -
     ckpt = load_file(run / "checkpoints" / "step-00000002" / "model.safetensors")
     assert any("value_head" in k for k in ckpt) and any("lora_" in k for k in ckpt)
     assert not any("embed_tokens" in k for k in ckpt)  # the frozen base is not checkpointed
+
+
+# ---------------------------------------------------------------------- exact resume
+
+
+class StopAt(gs.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: gs.Trainer, metrics: dict[str, Any]) -> None:
+        if trainer.step == self.step:
+            trainer.should_stop = True
+
+
+def strip(run: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory/peak_mb")}
+            for r in rows(run / "metrics.jsonl")]
+
+
+def same_weights(a: Path, b: Path, name: str = "model.safetensors") -> bool:
+    wa, wb = load_file(a / name), load_file(b / name)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stop_and_resume_with_value_head_kl_and_early_stopping_is_exact(
+        tmp_path: Path, rewards_module: str) -> None:
+    rl = {"baseline": "value", "kl_coefficient": 0.1, "patience": 2, "num_episodes": 240,
+          "reward": {"function": f"{rewards_module}:first_digit"}}
+    straight = gs.train(rl_config(tmp_path, "straight", rl=rl))
+    cfg = rl_config(tmp_path, "stopped", rl=rl)
+    stopped = gs.train(cfg, callbacks=[StopAt(3)])
+    assert stopped.step == 3
+    resumed = gs.train(cfg, resume=stopped.run_dir)
+    assert resumed.step == straight.step
+    # The stop at step 3 ended that run with an evaluation of its own; the rest is identical.
+    assert [r for r in strip(stopped.run_dir) if r["step"] != 3 or "loss" in r] == \
+        strip(straight.run_dir)
+    events = lambda run: [(e["step"], e["event"]) for e in rows(run / "events.jsonl")  # noqa: E731
+                          if e["event"] in ("early_stop", "best_policy")]
+    assert (0, "best_policy") in events(straight.run_dir)
+    assert events(stopped.run_dir) == events(straight.run_dir)
+    assert same_weights(straight.run_dir / "final", stopped.run_dir / "final")
+    last = f"checkpoints/step-{straight.step:08d}"
+    assert same_weights(straight.run_dir / last, stopped.run_dir / last)  # value head too
+    state = lambda run: json.loads((run / last / "trainer_state.json").read_text())["task"]  # noqa: E731
+    assert state(stopped.run_dir) == state(straight.run_dir)
+
+
+def test_sigkill_and_resume_gives_the_same_rewards_metrics_and_weights(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rl = {"baseline": "moving_average", "num_episodes": 96, "keep": "last"}
+    cfg = rl_config(tmp_path, "victim", rl=rl)
+    straight = gs.train(rl_config(tmp_path, "straight", rl=rl))
+    config_path = tmp_path / "victim.json"
+    config_path.write_text(json.dumps(cfg))
+    code = ("import json, time, gearshift as gs\n"
+            "class Slow(gs.Callback):\n"
+            "    def on_step_end(self, trainer, metrics): time.sleep(0.05)\n"
+            f"gs.train(json.load(open({str(config_path)!r})), callbacks=[Slow()])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline, run_dir = time.time() + 300, None
+    while time.time() < deadline and run_dir is None:
+        found = list(Path(cfg["output_dir"]).glob("*/checkpoints/step-00000004/manifest.json"))
+        run_dir = found[0].parents[2] if found else None
+        if run_dir is None and proc.poll() is not None:
+            pytest.fail(f"the run ended before its step-4 checkpoint: {proc.stderr.read()}")
+        time.sleep(0.01)
+    assert run_dir is not None, "no step-4 checkpoint in time"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (run_dir / "final").exists()  # it really died mid-run
+
+    resumed = gs.train(cfg, resume=run_dir)
+    assert resumed.step == 8
+    (resume,) = [e for e in rows(run_dir / "events.jsonl") if e["event"] == "resume"]
+    assert 4 <= resume["step"] < 8
+    assert strip(run_dir) == strip(straight.run_dir)  # rewards, accuracy, loss, eval/reward
+    assert rows(run_dir / "samples.jsonl") == rows(straight.run_dir / "samples.jsonl")
+    assert same_weights(run_dir / "final", straight.run_dir / "final")
+    state = lambda run: json.loads(  # noqa: E731
+        (run / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())["task"]
+    assert state(run_dir) == state(straight.run_dir) and state(run_dir)["baseline"] is not None

@@ -42,8 +42,12 @@ class RlRunCallback(ChatRunCallback):
     def on_eval(self, trainer: Any, metrics: dict[str, Any]) -> None:
         super().on_eval(trainer, metrics)
         task, rl, step = self.rl_task, self.rl_task.rl, trainer.step
-        if "eval/reward" not in metrics or task.last_validation_step == step:
-            return  # the end of a run that stopped right after this step's validation
+        scheduled = step % rl.validation_every == 0 or step == trainer.state.total_steps
+        if "eval/reward" not in metrics or not scheduled or task.last_validation_step == step:
+            # Not a validation of the schedule: the end of a run stopped in between (its
+            # checkpoint is already written, so counting it would fork a resumed run), or the
+            # end of one stopped right after this step's validation.
+            return
         task.last_validation_step = step
         reward = float(metrics["eval/reward"])
         if task.best_reward is None or reward > task.best_reward + rl.min_delta:
