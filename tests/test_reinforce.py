@@ -531,3 +531,15 @@ def test_sigkill_and_resume_gives_the_same_rewards_metrics_and_weights(tmp_path:
     state = lambda run: json.loads(  # noqa: E731
         (run / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())["task"]
     assert state(run_dir) == state(straight.run_dir) and state(run_dir)["baseline"] is not None
+
+
+def test_the_example_config_is_valid_and_starts_from_a_model_path(cli) -> None:
+    code, out, err = cli("config", "validate", "examples/reinforce.yaml")
+    assert code == 0 and out.strip() == "examples/reinforce.yaml: valid", err
+    code, out, _ = cli("config", "show", "examples/reinforce.yaml", "--set",
+                       "model.path=runs/sft/final", "--set", "rl.baseline=value")
+    shown = __import__("yaml").safe_load(out)
+    assert code == 0 and shown["model"]["path"] == "runs/sft/final"
+    assert shown["task"] == "reinforce" and shown["rl"]["baseline"] == "value"
+    code, _, err = cli("train", "examples/reinforce.yaml", "--set", "rl.baseline=values")
+    assert code == 2 and "rl.baseline" in err and "Traceback" not in err

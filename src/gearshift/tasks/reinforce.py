@@ -159,6 +159,10 @@ class ReinforceTask(SftTask):
         print(f"rl: {t.max_steps} steps of {rl.prompts_per_step} prompts x "
               f"{rl.samples_per_prompt} answers ({t.max_steps * episodes_per_step} episodes), "
               f"baseline {rl.baseline}, {rl.reward.label}", file=sys.stderr)
+        if cfg.model.path is None:
+            print("warning: model.path is null, so REINFORCE starts from a random model that "
+                  "is almost never right; point it at an sft run's final/ "
+                  "(--set model.path=RUN_DIR/final)", file=sys.stderr)
         set_seed(cfg.seed)  # the model's initial weights depend on the seed only
         model = build_causal_lm(cfg.model, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
