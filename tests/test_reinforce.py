@@ -543,3 +543,23 @@ def test_the_example_config_is_valid_and_starts_from_a_model_path(cli) -> None:
     assert shown["task"] == "reinforce" and shown["rl"]["baseline"] == "value"
     code, _, err = cli("train", "examples/reinforce.yaml", "--set", "rl.baseline=values")
     assert code == 2 and "rl.baseline" in err and "Traceback" not in err
+
+
+def test_from_an_adapter_the_kl_reference_is_the_adapted_start(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    sft = rl_config(tmp_path, "sft_lora", eval={}, lora={"enabled": True, "r": 4},
+                    optim={"learning_rate": 0.05},
+                    training={"max_steps": 3, "batch_size": 8, "eval_every": None})
+    sft["task"] = "sft"
+    del sft["rl"]
+    adapter = gs.train(sft).final_dir
+    assert (adapter / "adapter_config.json").is_file()
+    cfg = rl_config(tmp_path, "rl_lora", model={"path": str(adapter)},
+                    rl={"kl_coefficient": 0.5, "num_episodes": 24, "keep": "last"})
+    task, _ = built(cfg)
+    assert isinstance(task.reference, PeftModel)
+    result = gs.train(cfg)
+    step = [r for r in rows(result.run_dir / "metrics.jsonl") if "loss" in r][0]
+    assert step["rl/kl"] == pytest.approx(0.0, abs=1e-6)  # the start is the adapted model
+    assert (result.run_dir / "final" / "adapter_config.json").is_file()
