@@ -428,8 +428,9 @@ def test_cli_continues_an_sft_final_with_and_without_lora(tmp_path: Path, cli) -
     cfg = rl_config(tmp_path, "from_sft", rl={"num_episodes": 24, "baseline": "value"})
     path = tmp_path / "rl.json"
     path.write_text(json.dumps(cfg))
-    code, _, err = cli("train", str(path), "--set", f"model.path={start}")
+    code, out, err = cli("train", str(path), "--set", f"model.path={start}")
     assert code == 0, err
+    assert "\nreward: 0." in out and "\nexact match: 0." in out and " -> " in out
     (run,) = Path(cfg["output_dir"]).iterdir()
     assert gs.load_config(str(run / "config.yaml")).model.path == str(start)
     steps = [r for r in rows(run / "metrics.jsonl") if "loss" in r]

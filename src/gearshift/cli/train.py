@@ -30,6 +30,8 @@ examples:
   gearshift train my.yaml --resume auto             # continue the newest run of this name
   gearshift train my.yaml --run-dir runs/exp1        # this directory, not runs/<name>-<time>
   gearshift train my.yaml --set report.enabled=false # no RUN_DIR/report/ at the end
+  gearshift train examples/reinforce.yaml --set model.path=runs/sft_chat-<time>/final
+                                                    # REINFORCE (task: reinforce, rl: section)
 """
 
 
@@ -97,6 +99,11 @@ def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) 
         line = f"eval loss: {before:.4f} -> {m['eval/loss']:.4f}" if before is not None else \
             f"eval loss: {m['eval/loss']:.4f}"
         print(line + f" (perplexity {m['eval/ppl']:.2f})")
+    for key in ("eval/reward", "eval/exact_match"):
+        if key in m and "eval/loss" not in m:  # a task judged by its answers, not a loss
+            before = m.get(f"{key}_before")
+            shown = f"{before:.4f} -> {m[key]:.4f}" if before is not None else f"{m[key]:.4f}"
+            print(f"{key.removeprefix('eval/').replace('_', ' ')}: {shown}")
     if "memory/peak_mb" in m:
         print(f"peak memory: {m['memory/peak_mb']:,.0f} MiB")
     if result.final_dir is not None:
