@@ -81,7 +81,7 @@ def rl_config(out: Path, start: Path, seed: int, name: str, episodes: int,
             "rl": {"prompts_per_step": 16, "samples_per_prompt": 4, "num_episodes": episodes,
                    "max_new_tokens": 4, "temperature": 1.0, "validation_every": 1000,
                    "patience": None, "keep": "last", **rl},
-            "optim": {"learning_rate": 1e-3},
+            "optim": {"learning_rate": 2e-3},
             "schedule": {"name": "warmup_cosine", "warmup_steps": 5},
             "training": {"log_every": 10}, "checkpoint": {"every": 100_000},
             "logging": QUIET}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import gearshift.tasks  # noqa: F401  (registers the task sections the examples use)
 from gearshift.config import Config, build_layers, load_config, parse_set_overrides, resolve
 from gearshift.errors import ConfigError
 
