@@ -137,7 +137,7 @@ def main() -> None:
     begin = time.perf_counter()
     start = args.start or sft_start(out, args.sft_steps)
     report: dict[str, Any] = {"seeds": {}, "ablation": {}}
-    for seed in args.seeds:
+    for seed in args.seeds if args.episodes else []:
         r = rl_run(rl_config(out, start, seed, f"seed{seed}", args.episodes))
         report["seeds"][seed] = r
         print(f"seed {seed}: exact match {r['before']:.3f} -> {r['after']:.3f} "
