@@ -17,5 +17,6 @@ TASKS.setdefault(LMTask.name, LMTask)
 TASKS.setdefault(SftTask.name, SftTask)
 TASKS.setdefault(ReinforceTask.name, ReinforceTask)
 
-__all__ = ["TASKS", "CausalLMLoss", "EvalLoop", "LMTask", "LossOutput", "ReinforceTask", "RlSection",
-           "SftSection", "SftTask", "Task", "TaskParts", "TokenWeightedLoss", "build_causal_lm"]
+__all__ = ["TASKS", "CausalLMLoss", "EvalLoop", "LMTask", "LossOutput", "ReinforceTask",
+           "RlSection", "SftSection", "SftTask", "Task", "TaskParts", "TokenWeightedLoss",
+           "build_causal_lm"]

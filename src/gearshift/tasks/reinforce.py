@@ -31,7 +31,7 @@ from gearshift.tasks.generation import GenerationPrompt, generate_answers
 from gearshift.tasks.rewards import RewardError, build_reward, call_reward
 from gearshift.tasks.rl_config import RlSection
 from gearshift.tasks.rl_run import RlRunCallback
-from gearshift.tasks.rollout import Rollout, sample_rollout
+from gearshift.tasks.rollout import Rollout, normalised, policy_forward, sample_rollout
 from gearshift.tasks.sft import SftTask
 from gearshift.tasks.value_head import PolicyWithValueHead, ValueHeadTransform
 from gearshift.train.task import EvalLoop, LossOutput, TaskParts
@@ -216,7 +216,7 @@ class ReinforceTask(SftTask):
                                  max_new_tokens=rl.max_new_tokens,
                                  temperature=rl.temperature, top_p=rl.top_p)
         rewards, valid = self._rewards(prompts, rollout)
-        logits, values = _forward(model, raw, rollout)
+        logits, values = policy_forward(model, raw, rollout)
         logp_all = F.log_softmax(logits.float() / rl.temperature, dim=-1)
         logp = logp_all.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
         mask = rollout.mask * valid.unsqueeze(-1)
@@ -294,12 +294,12 @@ class ReinforceTask(SftTask):
         ok = valid.reshape(rewards.shape)
         if values is not None:
             token_rewards = torch.zeros_like(mask)
-            last = (rollout_lengths(mask) - 1).clamp(min=0)
+            last = (mask.sum(-1).long() - 1).clamp(min=0)
             token_rewards[torch.arange(len(last)), last] = rewards.reshape(-1)
             adv, returns = generalized_advantage_estimation(
                 token_rewards, values.detach(), mask, gamma=rl.gamma,
                 lam=rl.gae_lambda if rl.use_gae else 1.0)
-            return (*_normalised(adv, mask.bool(), rl.normalize_advantages), returns)
+            return (*normalised(adv, mask.bool(), rl.normalize_advantages), returns)
         if rl.baseline == "leave_one_out" and bool(ok.all()):
             base = leave_one_out_baseline(rewards)
         elif rl.baseline == "leave_one_out":  # some answers dropped: the others that remain
@@ -312,7 +312,7 @@ class ReinforceTask(SftTask):
             base = torch.full_like(rewards, mean if self.baseline is None else self.baseline)
         else:
             base = torch.zeros_like(rewards)
-        adv, std = _normalised((rewards - base).reshape(-1), valid.bool(),
+        adv, std = normalised((rewards - base).reshape(-1), valid.bool(),
                                rl.normalize_advantages)
         return adv.unsqueeze(-1).expand_as(mask), std, None
 
@@ -397,32 +397,3 @@ class ReinforceTask(SftTask):
 def _prompt(chat: list[dict[str, str]]) -> GenerationPrompt:
     end = last_assistant(chat)
     return GenerationPrompt(chat[:end], chat[end]["content"])
-
-
-def rollout_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """Generated tokens of each row of a right-padded mask."""
-    return mask.sum(-1).long()
-
-
-def _forward(model: nn.Module, raw: nn.Module, rollout: Rollout,
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits and values (None without a value head) at the positions that chose each
-    generated token."""
-    start = rollout.prompt_len - 1
-    kwargs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention,
-              "position_ids": rollout.positions}
-    if isinstance(raw, PolicyWithValueHead):
-        logits, values = model(**kwargs)
-        return logits[:, start:-1], values[:, start:-1].float()
-    return model(**kwargs).logits[:, start:-1], None
-
-
-def _normalised(advantages: torch.Tensor, where: torch.Tensor, normalize: bool,
-                ) -> tuple[torch.Tensor, float]:
-    """``advantages`` (0 outside ``where``), standardised over ``where`` when asked; and their
-    std before."""
-    picked = advantages[where]
-    std = float(picked.std(unbiased=False)) if picked.numel() else 0.0
-    if normalize and picked.numel():
-        advantages = (advantages - picked.mean()) / (picked.std(unbiased=False) + 1e-8)
-    return advantages * where, std

@@ -1,4 +1,5 @@
-"""Sampling answers for REINFORCE: batched ``generate`` with left padding and the KV cache.
+"""Sampling answers for REINFORCE (batched ``generate``, left padding, KV cache) and scoring
+their tokens.
 
 Unlike :func:`gearshift.tasks.generation.generate_answers` (evaluation, on a forked RNG),
 sampling here draws from the run's own RNG: the RNG a checkpoint saves, so a resumed run draws
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from gearshift.tasks.generation import _decode, _left_pad
+from gearshift.tasks.value_head import PolicyWithValueHead
 
 
 @dataclass
@@ -80,3 +82,27 @@ def sample_rollout(policy: nn.Module, tokenizer: Any, prompts: Sequence[list[int
     positions = (full_attention.cumsum(-1) - 1).clamp(min=0)
     texts = [_decode(tokenizer, row) for row in tokens.tolist()]
     return Rollout(sequences, full_attention, positions, width, tokens, mask, texts)
+
+
+def policy_forward(model: nn.Module, raw: nn.Module, rollout: Rollout,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and values (None without a value head) at the positions that chose each
+    generated token."""
+    start = rollout.prompt_len - 1
+    kwargs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention,
+              "position_ids": rollout.positions}
+    if isinstance(raw, PolicyWithValueHead):
+        logits, values = model(**kwargs)
+        return logits[:, start:-1], values[:, start:-1].float()
+    return model(**kwargs).logits[:, start:-1], None
+
+
+def normalised(advantages: torch.Tensor, where: torch.Tensor, normalize: bool,
+               ) -> tuple[torch.Tensor, float]:
+    """``advantages`` (0 outside ``where``), standardised over ``where`` when asked; and their
+    std before."""
+    picked = advantages[where]
+    std = float(picked.std(unbiased=False)) if picked.numel() else 0.0
+    if normalize and picked.numel():
+        advantages = (advantages - picked.mean()) / (picked.std(unbiased=False) + 1e-8)
+    return advantages * where, std
