@@ -57,6 +57,13 @@ def quiet_train(cfg: dict[str, Any]) -> tuple[gs.RunResult, float]:
     return result, time.perf_counter() - start
 
 
+def set_digits(digits: int) -> None:
+    """The addition problems the whole bench uses (2 = the examples' task)."""
+    DATA["synthetic"]["options"] = {"digits": digits}
+    if digits == 1:  # 100 problems in all: the eval split holds about 12 of them
+        DATA["synthetic"]["num_eval"] = 200
+
+
 def sft_start(out: Path, steps: int) -> Path:
     cfg = {"task": "sft", "name": "start", "seed": 1234, "output_dir": str(out),
            "model": {"build": MODEL, "tokenizer": "byte"}, "data": DATA, "profile": PROFILE,
@@ -79,7 +86,7 @@ def rl_config(out: Path, start: Path, seed: int, name: str, episodes: int,
     return {"task": "reinforce", "name": name, "seed": seed, "output_dir": str(out),
             "model": {"path": str(start)}, "data": DATA, "profile": PROFILE,
             "rl": {"prompts_per_step": 16, "samples_per_prompt": 4, "num_episodes": episodes,
-                   "max_new_tokens": 4, "temperature": 1.0, "validation_every": 1000,
+                   "max_new_tokens": DATA["synthetic"]["options"]["digits"] + 2, "temperature": 1.0, "validation_every": 1000,
                    "patience": None, "keep": "last", **rl},
             "optim": {"learning_rate": 2e-3},
             "schedule": {"name": "warmup_cosine", "warmup_steps": 5},
@@ -129,13 +136,18 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=6400)
     parser.add_argument("--ablation-episodes", type=int, default=3200)
     parser.add_argument("--grad-batches", type=int, default=12)
+    parser.add_argument("--digits", type=int, default=2, help="addition of n-digit numbers")
     parser.add_argument("--start", type=Path, default=None, help="a start model (skips sft)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    set_digits(args.digits)
     out = Path(tempfile.mkdtemp(prefix="gearshift-bench-rl-"))
     begin = time.perf_counter()
     start = args.start or sft_start(out, args.sft_steps)
+    if not args.seeds or not (args.episodes or args.ablation_episodes):
+        print(f"start model: {start}")
+        return
     report: dict[str, Any] = {"seeds": {}, "ablation": {}}
     for seed in args.seeds if args.episodes else []:
         r = rl_run(rl_config(out, start, seed, f"seed{seed}", args.episodes))
