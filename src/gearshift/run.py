@@ -12,7 +12,7 @@ from gearshift.errors import CheckpointError
 from gearshift.rundir import RunPaths, find_auto_resume
 from gearshift.tasks import TASKS
 from gearshift.train import Callback, RunResult, Trainer
-from gearshift.transforms import build_transforms
+from gearshift.transforms import TransformChain, build_transforms
 
 
 def resolve_resume(config: Config, resume: str | Path | None) -> Path | None:
@@ -67,7 +67,8 @@ def train(config: Config | Mapping[str, Any] | str | Path | None = None, *,
                       callbacks=[*callbacks, *parts.callbacks], resume_from=resume_dir,
                       run_dir=run_dir, tokenizer=parts.tokenizer, collate_fn=parts.collate_fn,
                       audit=audit, task=task,
-                      transforms=build_transforms(cfg))
+                      transforms=TransformChain([*build_transforms(cfg).transforms,
+                                                 *parts.transforms]))
     result = trainer.fit()
     result.metrics.update(parts.result_metrics)
     return result

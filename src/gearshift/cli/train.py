@@ -32,6 +32,8 @@ examples:
   gearshift train my.yaml --run-dir runs/exp1        # this directory, not runs/<name>-<time>
   gearshift train my.yaml --set report.enabled=false # no RUN_DIR/report/ at the end
   gearshift launch --num_processes 4 -- train my.yaml # 4 processes (see gearshift launch -h)
+  gearshift train examples/reinforce.yaml --set model.path=runs/sft_chat-<time>/final
+                                                    # REINFORCE (task: reinforce, rl: section)
 """
 
 
@@ -110,6 +112,11 @@ def report_run(start: Callable[[], RunResult], hook: ReportOnEnd | None = None) 
         line = f"eval loss: {before:.4f} -> {m['eval/loss']:.4f}" if before is not None else \
             f"eval loss: {m['eval/loss']:.4f}"
         print(line + f" (perplexity {m['eval/ppl']:.2f})")
+    for key in ("eval/reward", "eval/exact_match"):
+        if key in m and "eval/loss" not in m:  # a task judged by its answers, not a loss
+            before = m.get(f"{key}_before")
+            shown = f"{before:.4f} -> {m[key]:.4f}" if before is not None else f"{m[key]:.4f}"
+            print(f"{key.removeprefix('eval/').replace('_', ' ')}: {shown}")
     if "memory/peak_mb" in m:
         print(f"peak memory: {m['memory/peak_mb']:,.0f} MiB")
     if result.final_dir is not None:

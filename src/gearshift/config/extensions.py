@@ -18,7 +18,8 @@ from pydantic import BaseModel
 from gearshift.errors import Problem
 
 #: Task name -> task class (``gearshift.tasks.TASKS`` is this very dict). A class may set
-#: ``config_section`` to a pydantic model: its section is ``config.<task name>``.
+#: ``config_section`` to a pydantic model: its section is ``config.<task name>`` (or
+#: ``config.<section_name>`` when the class sets ``section_name``).
 TASK_REGISTRY: dict[str, Any] = {}
 
 #: Modules that register gearshift's own tasks and checks when imported.
@@ -39,7 +40,8 @@ def register_check(check: Callable[[Mapping[str, Any]], list[Problem]]
 
 def task_sections() -> dict[str, type[BaseModel]]:
     """``{task name: section model}`` for every registered task with a section of its own."""
-    return {name: cls.config_section for name, cls in TASK_REGISTRY.items()
+    return {getattr(cls, "section_name", None) or name: cls.config_section
+            for name, cls in TASK_REGISTRY.items()
             if getattr(cls, "config_section", None) is not None}
 
 

@@ -334,7 +334,8 @@ def _task_problems(raw: Mapping[str, Any]) -> list[Problem]:
         try:
             sections[key].model_validate({} if value is None else value)
         except ValidationError as exc:
-            out.extend(Problem(f"{key}.{p.path}", p.message) for p in _pydantic_problems(exc))
+            out.extend(Problem(f"{key}.{p.path}", p.message)
+                       for p in _pydantic_problems(exc, sections[key]))
     return out
 
 
@@ -346,13 +347,13 @@ def config_to_yaml(config: Config) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _pydantic_problems(exc: ValidationError) -> list[Problem]:
+def _pydantic_problems(exc: ValidationError, root: type[BaseModel] = Config) -> list[Problem]:
     problems = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         path = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            allowed = _fields_at(loc[:-1])
+            allowed = _fields_at(loc[:-1], root)
             msg = f"unknown key{did_you_mean(loc[-1], allowed)}"
             if allowed:
                 msg += f"; valid keys here: {', '.join(sorted(allowed))}"
@@ -364,8 +365,8 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
-def _fields_at(loc: Sequence[str]) -> list[str]:
-    model: type[BaseModel] | None = Config
+def _fields_at(loc: Sequence[str], root: type[BaseModel] = Config) -> list[str]:
+    model: type[BaseModel] | None = root
     for part in loc:
         fields = {f.alias or name: f for name, f in model.model_fields.items()} if model else {}
         if part not in fields:

@@ -189,9 +189,9 @@ def _synthetic_config_problems(raw: Mapping[str, Any]) -> list[Problem]:
     if not isinstance(data, Mapping) or data.get("source") != "synthetic":
         return []
     out = []
-    if raw.get("task", "lm") != "sft":
-        out.append(Problem("data.source", "'synthetic' makes chat conversations for task: sft; "
-                           "set task: sft"))
+    if raw.get("task", "lm") not in ("sft", "reinforce"):
+        out.append(Problem("data.source", "'synthetic' makes chat conversations for task: sft "
+                           "or reinforce; set task: sft"))
     section = data.get("synthetic")
     if not isinstance(section, Mapping):
         return [*out, Problem("data.synthetic", "data.source is 'synthetic' but data.synthetic "

@@ -8,12 +8,15 @@
 from gearshift.config.extensions import TASK_REGISTRY
 from gearshift.tasks.base import EvalLoop, LossOutput, Task, TaskParts, TokenWeightedLoss
 from gearshift.tasks.lm import CausalLMLoss, LMTask, build_causal_lm
+from gearshift.tasks.reinforce import ReinforceTask, RlSection
 from gearshift.tasks.sft import SftSection, SftTask
 
 #: Task name -> class. The same dict the config validates ``task:`` against.
 TASKS = TASK_REGISTRY
 TASKS.setdefault(LMTask.name, LMTask)
 TASKS.setdefault(SftTask.name, SftTask)
+TASKS.setdefault(ReinforceTask.name, ReinforceTask)
 
-__all__ = ["TASKS", "CausalLMLoss", "EvalLoop", "LMTask", "LossOutput", "SftSection", "SftTask",
-           "Task", "TaskParts", "TokenWeightedLoss", "build_causal_lm"]
+__all__ = ["TASKS", "CausalLMLoss", "EvalLoop", "LMTask", "LossOutput", "ReinforceTask",
+           "RlSection", "SftSection", "SftTask", "Task", "TaskParts", "TokenWeightedLoss",
+           "build_causal_lm"]

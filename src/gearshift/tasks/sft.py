@@ -68,23 +68,8 @@ class SftTask(LMTask):
     def build(self) -> TaskParts:
         from accelerate.utils import set_seed
 
-        from gearshift.data import load_tokenizer
-
         cfg = self.config
-        if cfg.model.path is not None:
-            require_model_dir(cfg.model.path, tokenizer=cfg.model.tokenizer == "auto")
-        self.tokenizer = tok = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
-        _check_chat_template(tok, cfg, self.settings.train_on)
-        p = cfg.profile
-        if p.date is None:
-            p.date = profiles.today().isoformat()  # fixed now; config.yaml keeps it for resumes
-        profile = profiles.load_profile(p.name)
-        self.system_prompt = profile.render(date=p.date,
-                                            variables={"model_name": _model_name(cfg),
-                                                       **p.variables})
-        shown = repr(self.system_prompt) if self.system_prompt else "(none)"
-        print(f"profile {profile.name} ({p.date}, policy {p.policy}): system prompt {shown}",
-              file=sys.stderr)
+        tok = self.prepare_chat(self.settings.train_on)
         train_chats, eval_chats, skipped = self._conversations()
         train = self._tokenize(train_chats, "train")
         evals = self._tokenize(eval_chats, "eval")
@@ -111,6 +96,28 @@ class SftTask(LMTask):
         return TaskParts(model, train, evals or None, tokenizer=tok,
                          collate_fn=ChatCollator(pad), result_metrics=dict(self.counts),
                          callbacks=[ChatRunCallback(self)])
+
+    def prepare_chat(self, train_on: str = "assistant") -> Any:
+        """Load the tokenizer (checking its chat template) and render the profile's system
+        prompt, its date fixed now; returns the tokenizer."""
+        from gearshift.data import load_tokenizer
+
+        cfg = self.config
+        if cfg.model.path is not None:
+            require_model_dir(cfg.model.path, tokenizer=cfg.model.tokenizer == "auto")
+        self.tokenizer = tok = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
+        _check_chat_template(tok, cfg, train_on)
+        p = cfg.profile
+        if p.date is None:
+            p.date = profiles.today().isoformat()  # fixed now; config.yaml keeps it for resumes
+        profile = profiles.load_profile(p.name)
+        self.system_prompt = profile.render(date=p.date,
+                                            variables={"model_name": _model_name(cfg),
+                                                       **p.variables})
+        shown = repr(self.system_prompt) if self.system_prompt else "(none)"
+        print(f"profile {profile.name} ({p.date}, policy {p.policy}): system prompt {shown}",
+              file=sys.stderr)
+        return tok
 
     def _conversations(self) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]],
                                       list[str]]:

@@ -56,6 +56,8 @@ class TaskParts:
         result_metrics: Figures about the build (e.g. skipped data lines) added to the result.
         callbacks: The task's own observers of the run (e.g. to write a file of its own into
             the run directory); they run after the user's callbacks.
+        transforms: The task's own model transforms, applied after those the config enables
+            (e.g. a value head around the policy).
     """
 
     model: nn.Module
@@ -65,6 +67,7 @@ class TaskParts:
     collate_fn: Callable[[list[Any]], Any] | None = None
     result_metrics: dict[str, float] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)
+    transforms: list[Any] = field(default_factory=list)
 
 
 class EvalLoop(Protocol):
@@ -83,7 +86,7 @@ class Task(ABC):
     """What a run trains and how it is judged.
 
     Subclass it, set :attr:`name` (and :attr:`config_section` when the task has its own config
-    section), implement :meth:`build` and :meth:`loss`, and register the class in
+    section, read from ``config.<section_name>``, by default ``config.<name>``), implement :meth:`build` and :meth:`loss`, and register the class in
     ``gearshift.tasks.TASKS``. State that must survive a resume goes in :meth:`state_dict`
     (JSON) and :meth:`tensor_state` (tensors, saved as safetensors).
 
@@ -102,6 +105,8 @@ class Task(ABC):
     name: ClassVar[str] = ""
     #: A pydantic model validating ``config.<name>`` (the task's own section), or None.
     config_section: ClassVar[type[BaseModel] | None] = None
+    #: The top-level key of that section when it is not the task's name.
+    section_name: ClassVar[str | None] = None
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -129,6 +134,16 @@ class Task(ABC):
         metrics = {"eval/loss": total / max(units, 1)}
         metrics.update({f"eval/{k}": v / max(units, 1) for k, v in sums.items()})
         return metrics
+
+    def start_attempt(self) -> None:
+        """Called before every attempt at an optimizer step (a retry after an out-of-memory
+        error included): drop what a failed attempt left half-counted."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
+        """Called after each optimizer update (``step`` updates done; skipped steps never get
+        here); returns metrics logged with that step."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """The task's own JSON-safe state (saved in every checkpoint)."""

@@ -247,13 +247,14 @@ class Trainer:
             self.logger.log_event(s.step, "fp16_overflow_skip", loss=step_loss)
             return None
         s.step += 1
+        task_metrics = self.task.after_optimizer_step(s.step)
         phase_metrics = self.dynamics.after_step(s.step, step_loss, stability)
         if s.schedule_interval == "step":
             self.scheduler.step()
         transform_metrics = self._transform_metrics  # what this step ran with
         self._sync_transforms()
         return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, **self._extra(total_units),
-                **phase_metrics, **transform_metrics}
+                **task_metrics, **phase_metrics, **transform_metrics}
 
     def _window_units(self, window: list[Any]) -> tuple[int, int]:
         local = sum(self.task.units(b) for b in window)
@@ -265,6 +266,7 @@ class Trainer:
     def _backward(self, window: list[Any], scale: float) -> torch.Tensor:
         acc, model = self.accelerator, self.model
         pieces = [piece for batch in window for piece in self.recovery.pieces(batch)]
+        self.task.start_attempt()
         loss_sum = torch.zeros((), device=acc.device)
         self._metric_sums: dict[str, torch.Tensor] = {}
         for i, cpu_batch in enumerate(pieces):
@@ -383,7 +385,7 @@ class Trainer:
     def _run_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
         step, logged = self._logged_at_resume
-        if step == self.step and "eval/loss" in logged:
+        if step == self.step and any(key.startswith("eval/") for key in logged):
             return metrics  # logged (and reported) before the run was resumed at this step
         recent, self._losses_since_eval = self._losses_since_eval, []
         if self.scheduler.plateau is not None:
@@ -412,7 +414,7 @@ class Trainer:
         last_ckpt = self.ckpt.last
         final_dir = self.ckpt.export_final(RunPaths(self.run_dir).final, self.tokenizer)
         metrics: dict[str, float] = {}
-        if self.state.initial_eval:
+        if self.state.initial_eval and "eval/loss" in self.state.initial_eval:
             metrics["eval/loss_before"] = self.state.initial_eval["eval/loss"]
         metrics.update(final_eval)
         metrics[PEAK_METRIC] = run_peak_mb(self.run_dir, self.accelerator)

@@ -31,6 +31,9 @@ class Transform(ABC):
     name: ClassVar[str] = ""
     #: Whether a checkpoint must hold every tensor of the model (False: a subset, e.g. adapters).
     strict: ClassVar[bool] = True
+    #: A wrapper adds modules that are trained and checkpointed but never exported (e.g. a
+    #: value head): the export is the model below it, as :meth:`merge` unwraps it.
+    wrapper: ClassVar[bool] = False
 
     @abstractmethod
     def apply(self, model: nn.Module) -> nn.Module:
@@ -193,10 +196,14 @@ class TransformChain:
             for transform in reversed(self.transforms):
                 folded = transform.merge(folded)
             save_plain(folded, tmp)
-        elif self.transforms:
-            self.transforms[-1].export(model, tmp, merged=False)
         else:
-            save_plain(model, tmp)
+            layers = list(self.transforms)
+            while layers and layers[-1].wrapper:
+                model = layers.pop().merge(model)
+            if layers:
+                layers[-1].export(model, tmp, merged=False)
+            else:
+                save_plain(model, tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             # Beside the export and beside any full model it holds (an adapter's saved base),
             # so that each is a complete model directory.
