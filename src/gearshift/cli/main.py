@@ -17,6 +17,7 @@ from gearshift.cli import (
     compare,
     config,
     model,
+    pipeline,
     profile,
     quantize,
     report,
@@ -27,7 +28,8 @@ from gearshift.errors import GearshiftError
 
 # Verb name -> module with ``add_parser(sub)`` and ``run(args) -> int``, in the order of --help.
 VERBS: dict[str, ModuleType] = {m.NAME: m for m in (train, resume, report, compare, config,
-                                                     checkpoint, model, profile, quantize)}
+                                                     checkpoint, model, profile, quantize,
+                                                     pipeline)}
 
 
 def build_parser() -> argparse.ArgumentParser:
