@@ -142,7 +142,9 @@ def test_three_stages_hand_off_checked_models_and_report(tmp_path: Path, cli,
     assert json.loads(out)["stages"][2]["output"]["kind"] == "full"
     code, out, err = cli("pipeline", "status", str(root))
     assert code == 0 and f"pipeline chain: finished ({root})" in out
-    assert out.count(" finished ") == 3
+    table = out.splitlines()[2:]
+    assert [line.split()[1] for line in table] == ["pretrain", "sft", "qat"]
+    assert all(line.split()[3] == "finished" for line in table)
 
 
 def test_failing_stage_stops_the_chain_then_corrupted_handoffs_are_named(
