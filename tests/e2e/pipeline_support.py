@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,21 @@ def three_stages(corpus: Path, output_dir: Path, name: str = "chain") -> dict[st
             "stages": [pretrain_stage(corpus), sft_stage(), qat_stage()]}
 
 
-def sha256_tree(directory: Path) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file under ``directory``."""
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+def sha256_tree(directory: Path, root: Path | None = None) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``directory``; with ``root``, the text
+    files are hashed with ``root``'s absolute path replaced (an adapter names its base model
+    by absolute path, which differs between two pipeline directories)."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        if root is not None and p.suffix in (".json", ".md"):
+            data = data.replace(str(root.resolve()).encode(), b"ROOT")
+        if root is not None and p.name == "adapter_config.json":
+            # PEFT writes target_modules from a set: its order follows the process's hash seed.
+            config = json.loads(data)
+            config["target_modules"] = sorted(config["target_modules"])
+            data = json.dumps(config, sort_keys=True).encode()
+        out[p.relative_to(directory).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out

@@ -236,11 +236,12 @@ def test_sigkill_at_any_moment_then_resume_gives_a_bit_identical_final_model(
 
     resumed = resume_pipeline(root)
     assert resumed.state == "finished"
-    for stage in ("0-pretrain", "1-sft", "2-qat"):
-        assert sha256_tree(root / "stages" / stage / "final") == \
-            sha256_tree(straight.pipeline_dir / "stages" / stage / "final"), stage
-    assert sha256_tree(root / "handoff" / "2-qat") == \
-        sha256_tree(straight.pipeline_dir / "handoff" / "2-qat")
+    other = straight.pipeline_dir
+    for stage in ("0-pretrain", "1-sft", "2-qat"):  # every weight file bit for bit
+        assert sha256_tree(root / "stages" / stage / "final", root) == \
+            sha256_tree(other / "stages" / stage / "final", other), stage
+    assert sha256_tree(root / "handoff" / "2-qat") == sha256_tree(other / "handoff" / "2-qat")
+    assert "model.safetensors" in sha256_tree(root / "stages" / "2-qat" / "final")
     events = [json.loads(x) for x in (root / "stages/2-qat/events.jsonl").open()]
     assert [e["event"] for e in events].count("resume") == 1
 
