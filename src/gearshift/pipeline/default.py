@@ -33,12 +33,8 @@ DEFAULT_PIPELINE: dict[str, Any] = {
     "name": "default",
     "output_dir": "pipelines",
     "stages": [
-        {"name": "pretrain", "config": {
-            "task": "lm", "name": "pretrain",
-            "training": {"max_steps": 300, "eval_every": 100, "log_every": 10},
-            "checkpoint": {"every": 100},
-            "logging": {"progress_bar": False},
-        }},
+        # Exactly `gearshift train` with no config (2 epochs, 434 steps), under its own name.
+        {"name": "pretrain", "config": {"task": "lm", "name": "pretrain"}},
         {"name": "sft", "from": "pretrain", "config": {
             "task": "sft", "name": "sft",
             "model": {"tokenizer": "auto"},
