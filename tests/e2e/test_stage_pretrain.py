@@ -55,10 +55,10 @@ def test_pretrain_stage_exports_a_valid_chat_ready_model(tmp_path: Path,
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
     saved = load_file(result.final_dir / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
-    nxt = gs.train({**chat_config("next", training={"max_steps": 1, "eval_every": None}),
+    nxt = gs.train({**chat_config("next", training={"max_steps": 2, "eval_every": None}),
                     "model": {"path": str(result.final_dir), "tokenizer": "auto"},
                     "output_dir": str(tmp_path / "runs")})
-    assert nxt.step == 1 and (nxt.run_dir / "final" / "model.safetensors").is_file()
+    assert nxt.step == 2 and (nxt.run_dir / "final" / "model.safetensors").is_file()
 
 
 def test_bad_data_fails_the_stage_with_a_clear_error(tmp_path: Path, cli,

@@ -62,7 +62,7 @@ def test_qat_stage_exports_a_packed_ternary_model_that_loads(tmp_path: Path,
 def test_qat_from_a_corrupt_model_directory_is_named_before_anything_runs(
         tmp_path: Path, corpus_file: Path) -> None:
     first = run_pipeline({"name": "p", "output_dir": str(tmp_path / "a"),
-                          "stages": [pretrain_stage(corpus_file, max_steps=2)]})
+                          "stages": [pretrain_stage(corpus_file, max_steps=3)]})
     weights = first.final_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated: the header no longer parses
     with pytest.raises(ConfigError) as err:
