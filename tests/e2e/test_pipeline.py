@@ -212,6 +212,7 @@ def test_sigkill_at_any_moment_then_resume_gives_a_bit_identical_final_model(
     # Kill in the middle of stage sft (after its first checkpoint), then while qat trains.
     kills = ["stages/1-sft/checkpoints/step-00000004/manifest.json",
              "stages/2-qat/checkpoints/step-00000004/manifest.json"]
+    root = tmp_path / "killed"  # the pipeline directory, once the first marker appears
     for i, marker in enumerate(kills):
         if i:
             cmd = [sys.executable, "-m", "gearshift", "pipeline", "resume", str(root),

@@ -9,8 +9,13 @@ Example:
 from gearshift.pipeline.handoff import check_handoff, dir_manifest, manifest_problems
 from gearshift.pipeline.layout import PipelineError, PipelinePaths, read_status
 from gearshift.pipeline.runner import PipelineResult, load_stages, resume_pipeline, run_pipeline
-from gearshift.pipeline.spec import PipelineSpec, ResolvedPipeline, Stage, StageSpec, \
-    resolve_pipeline
+from gearshift.pipeline.spec import (
+           PipelineSpec,
+           ResolvedPipeline,
+           Stage,
+           StageSpec,
+           resolve_pipeline,
+)
 
 __all__ = ["PipelineError", "PipelinePaths", "PipelineResult", "PipelineSpec",
            "ResolvedPipeline", "Stage", "StageSpec", "check_handoff", "dir_manifest",

@@ -20,8 +20,6 @@ from gearshift.report.runs import RunData, load_run
 
 #: Events counted in the table's "recoveries" column.
 RECOVERY_EVENTS = ("oom_recovery", "oom_skip", "nonfinite_skip", "rollback")
-#: Per task, the curve drawn for it in ``stages.png`` (any other task: ``loss``).
-STAGE_CURVE = "loss"
 
 
 def write_pipeline_report(pipeline_dir: str | Path) -> Path:
