@@ -78,6 +78,7 @@ def test_every_verb_is_a_module_with_its_parser_and_run() -> None:
         compare,
         config,
         model,
+        pipeline,
         profile,
         quantize,
         report,
@@ -88,7 +89,7 @@ def test_every_verb_is_a_module_with_its_parser_and_run() -> None:
 
     assert VERBS == {"train": train, "resume": resume, "report": report, "compare": compare,
                      "config": config, "checkpoint": checkpoint, "model": model,
-                     "profile": profile, "quantize": quantize}
+                     "profile": profile, "quantize": quantize, "pipeline": pipeline}
     parser = build_parser()
     for argv, verb in ((["train"], "train"), (["resume", "r"], "resume"),
                        (["config", "show"], "config"), (["checkpoint", "verify", "p"],
