@@ -107,6 +107,9 @@ def run_pipeline(source: str | Path | Mapping[str, Any] | None = None, *,
             else Path(resume)
         if target is not None:
             print(f"resuming pipeline {target}", file=sys.stderr)
+            if sets:
+                print("note: --set is not applied when resuming: the pipeline keeps the "
+                      f"configs resolved in {PipelinePaths(target).pipeline}", file=sys.stderr)
             return resume_pipeline(target, stage_callbacks=stage_callbacks)
         print(f"--resume auto: no earlier '{resolved.name}' pipeline under {parent}; starting "
               "a new one", file=sys.stderr)
@@ -212,6 +215,8 @@ def _run_stage(paths: PipelinePaths, stage: Stage, stages: list[Stage], status: 
     except TrainingInterrupted:
         _stopped(paths, status, stage, "interrupted", "stopped by a signal; continue with "
                  f"`gearshift pipeline resume {paths.root}`")
+        print(f"stage {stage.name} interrupted; continue the pipeline with `gearshift pipeline "
+              f"resume {paths.root}`", file=sys.stderr)
         raise
     except GearshiftError as exc:
         _stopped(paths, status, stage, "failed", str(exc))
@@ -270,8 +275,10 @@ def _check_input(paths: PipelinePaths, stage: Stage, stages: list[Stage]) -> Non
 
 
 def _prepare(paths: PipelinePaths, consumer: Stage, producer: Stage) -> None:
+    # Absolute, so that a record read from another working directory names the same files.
+    final_dir = (paths.stage(producer.dir_name) / rundir.FINAL_DIR).resolve()
     prepare_handoff(paths.handoff(consumer.dir_name), stage=consumer.name, source=producer.name,
-                    final_dir=paths.stage(producer.dir_name) / rundir.FINAL_DIR,
+                    final_dir=final_dir,
                     target=Path(str(consumer.config.model.path)), want=consumer.handoff)
 
 
