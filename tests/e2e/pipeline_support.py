@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -24,7 +25,7 @@ def pretrain_stage(corpus: Path, **training: Any) -> dict[str, Any]:
         "training": {"max_steps": 8, "batch_size": 8, "eval_every": 4, "log_every": 1,
                      **training},
         "checkpoint": {"every": 4, "keep_last": 10},
-        "logging": QUIET}}
+        "logging": dict(QUIET)}}
 
 
 def chat_config(name: str, **sections: Any) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def chat_config(name: str, **sections: Any) -> dict[str, Any]:
     }
     for section, values in sections.items():
         cfg[section] = {**cfg[section], **values} if isinstance(cfg.get(section), dict) else values
-    return cfg
+    return copy.deepcopy(cfg)  # tests change their copy; the module's constants stay as they are
 
 
 #: LoRA with two alpha phases, the second forced after a few steps.
