@@ -1,5 +1,6 @@
 # Two entry points do all set-up on a fresh machine:
-#   make run   -> creates .venv if missing, installs, runs `gearshift train` (the embedded default)
+#   make run   -> creates .venv if missing, installs, runs `gearshift pipeline run` (the embedded
+#                 four-stage default: pretrain -> sft -> rl -> qat)
 #   make test  -> creates .venv if missing, installs, runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/gearshift train
+	$(VENV)/bin/gearshift pipeline run
 
 test: install
 	$(PY) -m pytest -q
@@ -34,4 +35,4 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs pipelines .pytest_cache

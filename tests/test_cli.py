@@ -80,6 +80,7 @@ def test_every_verb_is_a_module_with_its_parser_and_run() -> None:
         daemon,
         launch,
         model,
+        pipeline,
         profile,
         quantize,
         report,
@@ -91,7 +92,7 @@ def test_every_verb_is_a_module_with_its_parser_and_run() -> None:
     assert VERBS == {"train": train, "resume": resume, "report": report, "compare": compare,
                      "config": config, "checkpoint": checkpoint, "model": model,
                      "profile": profile, "quantize": quantize, "daemon": daemon,
-                     "launch": launch}
+                     "launch": launch, "pipeline": pipeline}
     parser = build_parser()
     for argv, verb in ((["train"], "train"), (["resume", "r"], "resume"),
                        (["config", "show"], "config"), (["checkpoint", "verify", "p"],

@@ -155,8 +155,9 @@ def test_warmup_in_a_higher_layer_replaces_a_lower_one(tmp_path: Path) -> None:
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-#: Study files for `gearshift compare` (checked in tests/test_compare.py), not run configs.
-STUDIES = {"compare_warmup.yaml", "compare_alpha.yaml"}
+#: Study files for `gearshift compare` (checked in tests/test_compare.py) and pipeline files
+#: (checked in tests/e2e/test_default_pipeline.py), not run configs.
+STUDIES = {"compare_warmup.yaml", "compare_alpha.yaml", "pipeline.yaml"}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in EXAMPLES.glob("*.yaml") if p.name not in STUDIES),

@@ -19,6 +19,7 @@ from gearshift.cli import (
     daemon,
     launch,
     model,
+    pipeline,
     profile,
     quantize,
     report,
@@ -30,7 +31,7 @@ from gearshift.errors import GearshiftError
 # Verb name -> module with ``add_parser(sub)`` and ``run(args) -> int``, in the order of --help.
 VERBS: dict[str, ModuleType] = {m.NAME: m for m in (train, resume, report, compare, config,
                                                      checkpoint, model, profile, quantize,
-                                                     daemon, launch)}
+                                                     daemon, launch, pipeline)}
 
 
 def build_parser() -> argparse.ArgumentParser:
