@@ -32,6 +32,8 @@ def test_default_pipeline_end_to_end(tmp_path: Path) -> None:
             "pretrain.checkpoint.every=10",
             "sft.training.max_steps=20", "sft.training.eval_every=10",
             "sft.checkpoint.every=10", "sft.eval.generate.num_samples=8",
+            "sft.schedule.warmup_steps=2", "rl.schedule.warmup_steps=1",
+            "qat.schedule.warmup_steps=2",
             "rl.training.max_steps=4", "rl.training.eval_every=2", "rl.checkpoint.every=2",
             "rl.eval.generate.num_samples=8",
             "qat.training.max_steps=10", "qat.training.eval_every=5",
