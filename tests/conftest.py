@@ -68,3 +68,36 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return code, out, err
 
     return call
+
+
+def kill_at_checkpoint(cfg: dict[str, Any], step: int, config_path: Path) -> Path:
+    """Run ``gs.train(cfg)`` in a child process, SIGKILL it once the checkpoint of ``step`` is
+    committed, and return the run directory (checked to have no ``final/``)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config_path.write_text(json.dumps(cfg))
+    # A callback that only sleeps gives the kill time to land mid-run.
+    code = ("import json, time, gearshift as gs\n"
+            "class Slow(gs.Callback):\n"
+            "    def on_step_end(self, trainer, metrics): time.sleep(0.05)\n"
+            f"gs.train(json.load(open({str(config_path)!r})), callbacks=[Slow()])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    pattern = f"*/checkpoints/step-{step:08d}/manifest.json"
+    deadline, run_dir = time.time() + 300, None
+    while time.time() < deadline and run_dir is None:
+        found = list(Path(cfg["output_dir"]).glob(pattern))
+        run_dir = found[0].parents[2] if found else None
+        if run_dir is None and proc.poll() is not None:
+            pytest.fail(f"the run ended before its step-{step} checkpoint: {proc.stderr.read()}")
+        time.sleep(0.01)
+    assert run_dir is not None, f"no step-{step} checkpoint in time"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (run_dir / "final").exists()  # it really died mid-run
+    return run_dir

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import gearshift as gs
+from conftest import kill_at_checkpoint
 from gearshift.tasks.reinforce import (
     ReinforceTask,
     generalized_advantage_estimation,
@@ -492,35 +493,10 @@ def test_stop_and_resume_with_value_head_kl_and_early_stopping_is_exact(
 
 
 def test_sigkill_and_resume_gives_the_same_rewards_metrics_and_weights(tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     rl = {"baseline": "moving_average", "num_episodes": 96, "keep": "last"}
     cfg = rl_config(tmp_path, "victim", rl=rl)
     straight = gs.train(rl_config(tmp_path, "straight", rl=rl))
-    config_path = tmp_path / "victim.json"
-    config_path.write_text(json.dumps(cfg))
-    code = ("import json, time, gearshift as gs\n"
-            "class Slow(gs.Callback):\n"
-            "    def on_step_end(self, trainer, metrics): time.sleep(0.05)\n"
-            f"gs.train(json.load(open({str(config_path)!r})), callbacks=[Slow()])\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline, run_dir = time.time() + 300, None
-    while time.time() < deadline and run_dir is None:
-        found = list(Path(cfg["output_dir"]).glob("*/checkpoints/step-00000004/manifest.json"))
-        run_dir = found[0].parents[2] if found else None
-        if run_dir is None and proc.poll() is not None:
-            pytest.fail(f"the run ended before its step-4 checkpoint: {proc.stderr.read()}")
-        time.sleep(0.01)
-    assert run_dir is not None, "no step-4 checkpoint in time"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert not (run_dir / "final").exists()  # it really died mid-run
+    run_dir = kill_at_checkpoint(cfg, 4, tmp_path / "victim.json")
 
     resumed = gs.train(cfg, resume=run_dir)
     assert resumed.step == 8

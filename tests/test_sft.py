@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import gearshift as gs
+from conftest import kill_at_checkpoint
 from gearshift.data import byte_level_tokenizer
 from gearshift.data.chat import IGNORE_INDEX, ChatCollator, tokenize_conversation
 from gearshift.errors import DataError
@@ -240,35 +241,9 @@ def test_resumed_tomorrow_the_run_trains_on_the_same_text(tmp_path: Path, cli,
 
 
 def test_sft_with_generation_eval_survives_sigkill_with_exact_resume(tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     cfg = sft_config(tmp_path, "victim", training={"max_steps": 16})
     straight = gs.train({**cfg, "name": "straight", "output_dir": str(tmp_path / "straight")})
-    config_path = tmp_path / "victim.json"
-    config_path.write_text(json.dumps(cfg))
-    # A callback that only sleeps gives the kill time to land mid-run.
-    code = ("import json, time, gearshift as gs\n"
-            "class Slow(gs.Callback):\n"
-            "    def on_step_end(self, trainer, metrics): time.sleep(0.05)\n"
-            f"gs.train(json.load(open({str(config_path)!r})), callbacks=[Slow()])\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline, run_dir = time.time() + 300, None
-    while time.time() < deadline and run_dir is None:
-        found = list(Path(cfg["output_dir"]).glob("*/checkpoints/step-00000008/manifest.json"))
-        run_dir = found[0].parents[2] if found else None
-        if run_dir is None and proc.poll() is not None:
-            pytest.fail(f"the run ended before its step-8 checkpoint: {proc.stderr.read()}")
-        time.sleep(0.01)
-    assert run_dir is not None, "no step-8 checkpoint in time"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert not (run_dir / "final").exists()  # it really died mid-run
+    run_dir = kill_at_checkpoint(cfg, 8, tmp_path / "victim.json")
 
     resumed = gs.train(cfg, resume=run_dir)
     assert resumed.step == 16
