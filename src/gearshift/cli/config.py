@@ -23,8 +23,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config (a ConfigError lists every problem); print it or ``valid``; 0."""
-    import gearshift.tasks  # noqa: F401  (registers the tasks' names and config sections)
-
     resolved = resolve_args(args)
     if args.config_command == "show":
         print(config_to_yaml(resolved.config), end="")
