@@ -1,13 +1,13 @@
 """Does REINFORCE raise held-out accuracy, and which baseline gives the quietest gradient?
 
-A chat model is first fine-tuned (``task: sft``) on 2-digit addition under the ``concise``
-profile for ``--sft-steps`` steps: the *start*, right some of the time. From it, with
-``task: reinforce`` and the exact-match reward:
+The bench measures the examples' own settings. The *start* is ``examples/sft_chat.yaml``: a
+chat model trained from scratch to sort digits under the ``concise`` profile, right about a
+third of the time. From it, ``examples/reinforce.yaml`` (exact-match reward, leave-one-out,
+temperature 0.3, LR 3e-4):
 
-* **seeds** — for each of ``--seeds``, ``--episodes`` sampled answers with the example's
-  settings (``examples/reinforce.yaml``: baseline leave_one_out); held-out greedy exact match
-  before and after (the last policy, not the best one: no selection on the held-out set),
-  episodes, wall time.
+* **seeds** — for each of ``--seeds``, ``--episodes`` sampled answers; held-out greedy exact
+  match before and after (the last policy, not the best one: no selection on the held-out
+  set), episodes, wall time.
 * **ablation** — one seed, ``--ablation-episodes`` each, baseline none, moving_average,
   leave_one_out, value, value + GAE: final held-out exact match, and the variance of the
   policy-gradient estimate: ``--grad-batches`` independent batches of sampled answers at the
@@ -17,13 +17,11 @@ profile for ``--sft-steps`` steps: the *start*, right some of the time. From it,
 
 Usage::
 
-    nice -n 10 .venv/bin/python bench/rl.py                       # everything (2-digit task)
-    nice -n 10 .venv/bin/python bench/rl.py --digits 1 --sft-steps 60 --episodes 0 \
-        --ablation-episodes 0                                     # only a start model
-    nice -n 10 .venv/bin/python bench/rl.py --digits 1 --start DIR --episodes 1600 \
-        --ablation-episodes 640 --grad-batches 6
-    nice -n 5 /work/trl-venv/bin/python bench/rl.py --start DIR --seeds 1 --episodes 1600 \
-        --ablation-episodes 0 --lr 1e-4                           # gearshift vs TRL's RLOO
+    nice -n 10 .venv/bin/python bench/rl.py                        # everything
+    nice -n 10 .venv/bin/python bench/rl.py --episodes 0 --ablation-episodes 0   # a start only
+    nice -n 10 .venv/bin/python bench/rl.py --start DIR --seeds 1 --ablation-episodes 0
+    nice -n 5 /work/trl-venv/bin/python bench/rl.py --start DIR --ablation-episodes 0
+                                                                   # gearshift vs TRL's RLOO
 
 **TRL arm.** With each seed's run, the same episodes are spent by TRL's ``RLOOTrainer`` (the
 closest peer: REINFORCE with a leave-one-out baseline) from the same start model, on the same
@@ -40,8 +38,8 @@ a virtualenv of its own, so that the project's stays as it is::
     /work/trl-venv/bin/pip install torch==2.13.0      # the CPU build the project uses
     /work/trl-venv/bin/pip install -e . trl           # gearshift (editable) and TRL
 
-On the shared 2-core machine (load average 5-14): the 2-digit sft start of 300 steps took
-20 min, the 1-digit one of 60 steps 3 min, and one REINFORCE run 1-5 min per 1,600 episodes.
+On a quiet 2-core machine the start takes about 15 s and one REINFORCE run of 9,984 episodes
+about a minute.
 """
 
 from __future__ import annotations
@@ -58,20 +56,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 import gearshift as gs
 
-MODEL = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "max_position_embeddings": 128}
-DATA = {"source": "synthetic", "seq_len": 64,
-        "synthetic": {"name": "addition", "num_train": 20000, "num_eval": 200,
-                      "options": {"digits": 2}}}
-PROFILE = {"name": "concise", "date": "2026-12-03"}
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PROFILE_DATE = "2026-12-03"  # one date for the start and every run: the same system prompt
 QUIET = {"progress_bar": False, "tensorboard": False}
 
 ARMS = {"none": {"baseline": "none"}, "moving_average": {"baseline": "moving_average"},
         "leave_one_out": {"baseline": "leave_one_out"}, "value": {"baseline": "value"},
         "value+GAE": {"baseline": "value", "use_gae": True}}
+
+
+def example(name: str) -> dict[str, Any]:
+    """An example config as a dict (the bench measures the examples' own settings)."""
+    cfg = yaml.safe_load((EXAMPLES / name).read_text())
+    cfg["profile"] = {**cfg.get("profile", {}), "date": PROFILE_DATE}
+    cfg["logging"] = {**cfg.get("logging", {}), **QUIET}
+    return cfg
 
 
 def quiet_train(cfg: dict[str, Any]) -> tuple[gs.RunResult, float]:
@@ -81,51 +84,42 @@ def quiet_train(cfg: dict[str, Any]) -> tuple[gs.RunResult, float]:
     return result, time.perf_counter() - start
 
 
-def set_digits(digits: int) -> None:
-    """The addition problems the whole bench uses (2 = the examples' task)."""
-    DATA["synthetic"]["options"] = {"digits": digits}
-    if digits == 1:  # 100 problems in all: the eval split holds about 12 of them
-        DATA["synthetic"]["num_eval"] = 200
-
-
-def sft_start(out: Path, steps: int) -> Path:
-    cfg = {"task": "sft", "name": "start", "seed": 1234, "output_dir": str(out),
-           "model": {"build": MODEL, "tokenizer": "byte"}, "data": DATA, "profile": PROFILE,
-           "eval": {"generate": {"num_samples": 200, "max_new_tokens": 4}},
-           "optim": {"learning_rate": 5e-3},
-           "schedule": {"name": "warmup_cosine", "warmup_steps": 20},
-           "training": {"max_steps": steps, "batch_size": 32, "eval_every": None,
-                        "log_every": 50},
-           "checkpoint": {"every": 100_000}, "logging": QUIET}
+def sft_start(out: Path, steps: int | None) -> Path:
+    """``examples/sft_chat.yaml`` (its own steps unless ``steps`` is given)."""
+    cfg = example("sft_chat.yaml")
+    cfg.update(name="start", output_dir=str(out))
+    if steps is not None:
+        cfg["training"]["max_steps"] = steps
+    cfg["checkpoint"] = {"every": 100_000}
     result, wall = quiet_train(cfg)
-    print(f"start: sft {steps} steps in {wall:.0f}s, held-out exact match "
-          f"{result.metrics['eval/exact_match']:.3f}", flush=True)
+    print(f"start: examples/sft_chat.yaml, {result.step} steps in {wall:.0f}s, held-out exact "
+          f"match {result.metrics['eval/exact_match']:.3f}", flush=True)
     assert result.final_dir is not None
     return result.final_dir
 
 
-LR = 2e-3  # --lr
+LR: float | None = None  # --lr (None: the example's)
 
 
 def rl_config(out: Path, start: Path, seed: int, name: str, episodes: int,
               **rl: Any) -> dict[str, Any]:
-    """The settings of examples/reinforce.yaml, at ``episodes`` episodes."""
-    return {"task": "reinforce", "name": name, "seed": seed, "output_dir": str(out),
-            "model": {"path": str(start)}, "data": DATA, "profile": PROFILE,
-            "rl": {"prompts_per_step": 16, "samples_per_prompt": 4, "num_episodes": episodes,
-                   "max_new_tokens": DATA["synthetic"]["options"]["digits"] + 2, "temperature": 1.0, "validation_every": 1000,
-                   "patience": None, "keep": "last", **rl},
-            "optim": {"learning_rate": LR},
-            "schedule": {"name": "warmup_cosine", "warmup_steps": 5},
-            "training": {"log_every": 10}, "checkpoint": {"every": 100_000},
-            "logging": QUIET}
+    """``examples/reinforce.yaml`` at ``episodes`` episodes, validated only before and after,
+    keeping the last policy (no selection on the held-out set)."""
+    cfg = example("reinforce.yaml")
+    cfg.update(name=name, seed=seed, output_dir=str(out), model={"path": str(start)})
+    cfg["rl"].update(num_episodes=episodes, validation_every=1000, patience=None, keep="last",
+                     **rl)
+    if LR is not None:
+        cfg["optim"]["learning_rate"] = LR
+    cfg["checkpoint"] = {"every": 100_000}
+    return cfg
 
 
 def rl_run(cfg: dict[str, Any]) -> dict[str, Any]:
     result, wall = quiet_train(cfg)
     m = result.metrics
     return {"before": m["eval/exact_match_before"], "after": m["eval/exact_match"],
-            "steps": result.step, "episodes": result.step * 64, "wall_s": wall,
+            "steps": result.step, "episodes": result.step * cfg["rl"]["prompts_per_step"] * cfg["rl"]["samples_per_prompt"], "wall_s": wall,
             "run_dir": str(result.run_dir), "final_dir": str(result.final_dir)}
 
 
@@ -281,22 +275,21 @@ def main() -> None:
                "  /work/trl-venv/bin/pip install torch==2.13.0\n"
                "  /work/trl-venv/bin/pip install -e . trl\n"
                "  /work/trl-venv/bin/python bench/rl.py --start DIR --seeds 1 --episodes 1600 "
-               "--ablation-episodes 0 --lr 1e-4")
+               "--ablation-episodes 0")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--episodes", type=int, default=6400)
+    parser.add_argument("--sft-steps", type=int, default=None,
+                        help="steps of the start (default: examples/sft_chat.yaml's)")
+    parser.add_argument("--episodes", type=int, default=9_984)
     parser.add_argument("--ablation-episodes", type=int, default=3200)
     parser.add_argument("--grad-batches", type=int, default=12)
-    parser.add_argument("--digits", type=int, default=2, help="addition of n-digit numbers")
     parser.add_argument("--start", type=Path, default=None, help="a start model (skips sft)")
-    parser.add_argument("--lr", type=float, default=LR, help="REINFORCE's learning rate "
-                        "(both arms)")
+    parser.add_argument("--lr", type=float, default=None, help="REINFORCE's learning rate "
+                        "(both arms; default: examples/reinforce.yaml's)")
     parser.add_argument("--no-trl", action="store_true",
                         help="no TRL arm (it runs with each seed when trl is importable)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    set_digits(args.digits)
     globals()["LR"] = args.lr
     why_no_trl = "--no-trl" if args.no_trl else trl_unavailable()
     out = Path(tempfile.mkdtemp(prefix="gearshift-bench-rl-"))
