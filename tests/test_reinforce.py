@@ -522,6 +522,24 @@ def test_the_example_config_is_valid_and_starts_from_a_model_path(cli) -> None:
     assert code == 2 and "rl.baseline" in err and "Traceback" not in err
 
 
+def test_the_example_raises_the_sft_examples_task_under_its_profile() -> None:
+    """examples/reinforce.yaml trains on what examples/sft_chat.yaml taught: the same synthetic
+    task, split and system prompt, and its answers are long enough for that task's answers."""
+    from gearshift.data.synthetic import make_examples
+
+    sft = gs.load_config("examples/sft_chat.yaml")
+    rl = gs.load_config("examples/reinforce.yaml")
+    assert rl.data.model_dump() == sft.data.model_dump()
+    assert rl.profile.model_dump() == sft.profile.model_dump()
+    section = (rl.model_extra or {})["rl"]
+    task = sft.data.synthetic
+    longest = max(len(e.answer) for e in make_examples(task.name, 500, seed=0,
+                                                       **task.options))
+    assert section["max_new_tokens"] >= longest + 1  # the answer and its EOS (byte tokens)
+    episodes = section["prompts_per_step"] * section["samples_per_prompt"]
+    assert math.ceil(section["num_episodes"] / episodes) * episodes <= 10_000
+
+
 def test_from_an_adapter_the_kl_reference_is_the_adapted_start(tmp_path: Path) -> None:
     from peft import PeftModel
 
