@@ -117,9 +117,10 @@ def rl_config(out: Path, start: Path, seed: int, name: str, episodes: int,
 
 def rl_run(cfg: dict[str, Any]) -> dict[str, Any]:
     result, wall = quiet_train(cfg)
-    m = result.metrics
+    m, rl = result.metrics, cfg["rl"]
+    episodes = result.step * rl["prompts_per_step"] * rl["samples_per_prompt"]
     return {"before": m["eval/exact_match_before"], "after": m["eval/exact_match"],
-            "steps": result.step, "episodes": result.step * cfg["rl"]["prompts_per_step"] * cfg["rl"]["samples_per_prompt"], "wall_s": wall,
+            "steps": result.step, "episodes": episodes, "wall_s": wall,
             "run_dir": str(result.run_dir), "final_dir": str(result.final_dir)}
 
 
@@ -274,8 +275,7 @@ def main() -> None:
                "  python3 -m venv /work/trl-venv\n"
                "  /work/trl-venv/bin/pip install torch==2.13.0\n"
                "  /work/trl-venv/bin/pip install -e . trl\n"
-               "  /work/trl-venv/bin/python bench/rl.py --start DIR --seeds 1 --episodes 1600 "
-               "--ablation-episodes 0")
+               "  /work/trl-venv/bin/python bench/rl.py --start DIR --ablation-episodes 0")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--sft-steps", type=int, default=None,
                         help="steps of the start (default: examples/sft_chat.yaml's)")
